@@ -12,8 +12,9 @@ import functools
 import json
 import os
 from collections.abc import Collection, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import AbstractSet, Literal
+from typing import Literal
 
 import tiktoken
 
