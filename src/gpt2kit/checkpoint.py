@@ -51,7 +51,7 @@ def load_model(
     state = read_state_dict(path)
     with torch.device("meta"):
         model = GPT2(config)
-    state = from_hf_state_dict(state, model, source=path)
+    state = from_hf_state_dict(state, model, source=weights_file(path))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, assign=True)
@@ -106,6 +106,12 @@ def download(repo_id: str, *, revision: str | None = None) -> Path:
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise CheckpointError(f"downloading {repo_id!r} failed: {str(e).splitlines()[0]}") from None
     return local
+
+
+def weights_file(path: Path) -> Path:
+    """The weights file `read_state_dict` reads: model.safetensors, else pytorch_model.bin."""
+    st = path / "model.safetensors"
+    return st if st.is_file() else path / "pytorch_model.bin"
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -242,21 +248,7 @@ def save_model(model: GPT2, path: str | os.PathLike[str], *, tokenizer: Tokenize
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     atomic.write_text(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     if tokenizer is not None:
-        tokenizer.save(path)
-        _write_tokenizer_config(path, tokenizer, config)
-
-
-def _write_tokenizer_config(path: Path, tokenizer: Tokenizer, config: GPT2Config) -> None:
-    eot = "<|endoftext|>" if "<|endoftext|>" in tokenizer.special_tokens else None
-    tok_config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": config.n_positions,
-        "add_prefix_space": False,
-        "bos_token": eot,
-        "eos_token": eot,
-        "unk_token": eot,
-    }
-    atomic.write_text(path / "tokenizer_config.json", json.dumps(tok_config, indent=2) + "\n")
+        tokenizer.save(path, model_max_length=config.n_positions)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Tokenizer:

@@ -119,7 +119,8 @@ class GPT2Config:
         if d.get("scale_attn_weights", True) is False:
             raise ConfigError("config.json sets scale_attn_weights=false; GPT-2 always scales")
         fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in fields}
+        # null means "the default" in published configs (e.g. "n_inner": null).
+        kwargs = {k: v for k, v in d.items() if k in fields and v is not None}
         if "n_positions" not in d and "n_ctx" in d:  # very old configs
             kwargs["n_positions"] = d["n_ctx"]
         kwargs.update(d.get("gpt2kit", {}))

@@ -48,7 +48,7 @@ def _unicode_to_bytes() -> dict[str, int]:
 
 
 def _token_bytes(token: str) -> bytes | None:
-    """The bytes a vocabulary entry stands for, or None for a special token like <|endoftext|>."""
+    """The bytes a vocabulary entry stands for, or None if it has a character outside the byte alphabet."""
     table = _unicode_to_bytes()
     try:
         return bytes(table[c] for c in token)
