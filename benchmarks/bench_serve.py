@@ -1,0 +1,231 @@
+"""Serving throughput: 1, 4 and 16 concurrent streaming clients, batching on versus off.
+
+Starts `gpt2kit serve` as a subprocess on a free loopback port (once with dynamic batching,
+once with --no-batching), sends a fixed number of streaming /v1/completions requests at
+each concurrency level, and reports aggregate tokens/s, p50/p99 time to first token and
+p50/p99 time between tokens, then the batching speed-up at each level.
+
+    .venv/bin/python benchmarks/bench_serve.py                 # small random model, ~1-2 min
+    .venv/bin/python benchmarks/bench_serve.py --model gpt2 --requests 32 --max-tokens 64
+
+The default model is random (GPT-2's vocabulary, 4 layers, n_embd 128): the numbers measure
+the server, not the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+
+def make_model(path: Path, *, n_layer: int, n_embd: int) -> str:
+    from gpt2kit import GPT2, GPT2Config, Tokenizer
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64), n_positions=512)
+    GPT2(config).save_pretrained(path, tokenizer=Tokenizer.gpt2())
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: str, *, batching: bool, threads: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "gpt2kit", "serve", "--model", model, "--port", str(self.port)]
+        cmd += ["--model-name", "bench", "--max-pending", "256", "--threads", str(threads)]
+        if not batching:
+            cmd.append("--no-batching")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {self.proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, seed: int) -> dict:
+    body = {
+        "model": "bench",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    times: list[float] = []
+    tokens = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"{r.status_code} {(await r.aread()).decode()[:200]}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return {"error": chunk["error"]["message"]}
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                times.append(time.perf_counter())
+    if not times:
+        return {"error": "no text streamed"}
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return {"ttft": times[0] - t0, "gaps": gaps, "tokens": tokens}
+
+
+async def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    prompts = [f"Request number {i} begins with a few words of context and then" for i in range(requests)]
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    results: list[dict] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            try:
+                results.append(await one_request(client, url, prompts[i], max_tokens, seed=i))
+            except httpx.HTTPError as e:
+                results.append({"error": repr(e)})
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    ttft = sorted(r["ttft"] for r in ok)
+    gaps = sorted(g for r in ok for g in r["gaps"])
+    return {
+        "clients": clients,
+        "requests": requests,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+        "tokens": sum(r["tokens"] for r in ok),
+        "wall_s": wall,
+        "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "ttft_p50_ms": 1000 * pct(ttft, 50),
+        "ttft_p99_ms": 1000 * pct(ttft, 99),
+        "itl_p50_ms": 1000 * pct(gaps, 50),
+        "itl_p99_ms": 1000 * pct(gaps, 99),
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, int(q) - 1))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="model dir or hub id (default: a small random model)")
+    parser.add_argument("--clients", default="1,4,16", help="concurrency levels")
+    parser.add_argument("--requests", type=int, default=32, help="requests per level")
+    parser.add_argument("--max-tokens", type=int, default=48, help="tokens per request")
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="the server's torch threads (spinning threads starve its HTTP loop)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or make_model(Path(tmp) / "model", n_layer=args.n_layer, n_embd=args.n_embd)
+        load = os.getloadavg()[0]
+        # Both servers run side by side (an idle one costs nothing) and each level runs the
+        # two modes back to back, alternating which goes first, so drift in a shared
+        # machine's load hits both modes alike.
+        modes = {"batching": True, "no batching": False}
+        servers = {mode: ServerProcess(model, batching=b, threads=args.threads) for mode, b in modes.items()}
+        results: dict[str, list[dict]] = {mode: [] for mode in modes}
+        try:
+            for server in servers.values():
+                asyncio.run(run_level(server.url, 2, 4, 8))  # warm-up
+            for i, c in enumerate(levels):
+                order = list(modes) if i % 2 == 0 else list(reversed(modes))
+                for mode in order:
+                    r = asyncio.run(run_level(servers[mode].url, c, args.requests, args.max_tokens))
+                    results[mode].append(r)
+                    print(
+                        f"{mode}, {c} clients: {r['tokens_per_s']:.0f} tokens/s, {r['errors']} errors",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        finally:
+            for server in servers.values():
+                server.stop()
+
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"load average {load:.1f} at the start, torch {torch.__version__}, python {platform.python_version()}"
+    )
+    print(
+        f"model: {args.model or f'random n_layer={args.n_layer} n_embd={args.n_embd} vocab 50257'}, "
+        f"{args.requests} streaming requests x {args.max_tokens} tokens per level, "
+        f"server --threads {args.threads}\n"
+    )
+    print(
+        "| mode | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | token gap p50 ms | token gap p99 ms | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for mode, rows in results.items():
+        for r in rows:
+            print(
+                f"| {mode} | {r['clients']} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} | "
+                f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {r['errors']} |"
+            )
+    print()
+    for on, off in zip(results["batching"], results["no batching"], strict=True):
+        print(
+            f"batching speed-up at {on['clients']} clients: {on['tokens_per_s'] / off['tokens_per_s']:.2f}x"
+        )
+    errors = [r["first_error"] for rows in results.values() for r in rows if r["errors"]]
+    if errors:
+        print(f"errors seen, e.g.: {errors[0]}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

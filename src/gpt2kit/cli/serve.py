@@ -1,0 +1,104 @@
+"""`gpt2kit serve`: an OpenAI-compatible completions server and the GPT-2 Explorer page."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+EXAMPLE = """examples:
+  gpt2kit serve --model gpt2                       # http://127.0.0.1:8000/ is the Explorer
+  gpt2kit serve --model runs/shakespeare/final --port 8080 --api-key secret
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "gpt2", "prompt": "Hello", "max_tokens": 8, "seed": 1}'
+  python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-'); \\
+             print(c.completions.create(model='gpt2', prompt='Hello').choices[0].text)"
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from gpt2kit.cli import HelpFormatter
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP (OpenAI completions API + the Explorer page)",
+        description=(
+            "Serve a model: POST /v1/completions (OpenAI-compatible, streaming, logprobs, scoring "
+            "with echo + max_tokens 0), GET /v1/models, GET /health, the GPT-2 Explorer at / and "
+            "the API docs at /docs. Concurrent requests are decoded together in one batch. "
+            "Binds to loopback unless --host says otherwise."
+        ),
+        epilog=EXAMPLE,
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="model directory or Hugging Face hub id (e.g. gpt2)")
+    p.add_argument("--model-name", default=None, help="name clients use; None: --model's last part")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 and /api; None: env GPT2KIT_API_KEY if set",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads; None: torch's choice. 1 keeps a busy CPU responsive for small models",
+    )
+    p.add_argument("--no-batching", action="store_true", help="serve one request at a time (a baseline)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together at most")
+    p.add_argument("--max-pending", type=int, default=64, help="requests queued or running (429 beyond)")
+    p.add_argument("--max-n", type=int, default=16, help="cap on a request's n")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on max_tokens; None: the context")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body cap (413 beyond)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (504 beyond)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gpt2kit.checkpoint import load_model, load_tokenizer
+    from gpt2kit.cli.generate import pick_device, pick_dtype
+    from gpt2kit.errors import ConfigError
+    from gpt2kit.server.app import create_app
+    from gpt2kit.server.completions import Limits
+
+    for flag in ("max_batch_size", "max_pending", "max_n", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.request_timeout <= 0:
+        raise ConfigError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    # Read here, not as the flag's default, so --help never prints the key.
+    api_key = args.api_key or os.environ.get("GPT2KIT_API_KEY") or None
+    device = pick_device(args.device)
+    model = load_model(args.model, device=device, dtype=pick_dtype(args.dtype, device))
+    tokenizer = load_tokenizer(args.model)
+    name = args.model_name or os.path.basename(os.path.normpath(str(args.model)))
+    app = create_app(
+        model,
+        tokenizer,
+        model_name=name,
+        api_key=api_key,
+        limits=Limits(max_n=args.max_n, max_tokens=args.max_tokens, request_timeout=args.request_timeout),
+        batching=not args.no_batching,
+        max_batch_size=args.max_batch_size,
+        max_pending=args.max_pending,
+        max_body_bytes=args.max_body_bytes,
+    )
+    print(
+        f"serving {name!r} on {device} at http://{args.host}:{args.port}/ "
+        f"(Explorer at /, API docs at /docs{', API key required' if api_key else ''})"
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,238 @@
+"""The wire format: pydantic models per endpoint, fields in the order of OpenAI's docs.
+
+Bounds that never change live in the schemas (`Field(ge=, le=)`), so the OpenAPI
+document states them; limits that depend on the model or the server's settings (the
+context, `--max-n`, ...) are checked in completions.py. Unknown fields are rejected
+(400 naming the field); every documented OpenAI field is accepted, and the ones this
+server cannot honour (penalties, logit_bias, suffix, best_of != n) are a 400 when set.
+
+>>> CompletionRequest(model="gpt2", prompt="Hello", max_tokens=5).to_sampling_params().max_tokens
+5
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from gpt2kit.server.engine import SamplingParams
+
+# Strict: "1" is not a number and true is not a token id; extra="forbid": a misspelt
+# option is an error rather than silently ignored.
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+
+    include_usage: StrictBool = False
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions (https://platform.openai.com/docs/api-reference/completions/create)."""
+
+    model_config = STRICT
+
+    model: StrictStr = Field(description="The model name, as listed by GET /v1/models.")
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description="Text, a list of texts, token ids, or a list of token-id lists (one choice set each)."
+    )
+    best_of: StrictInt | None = Field(default=None, ge=1, le=128, description="Must equal n when set.")
+    echo: StrictBool = Field(default=False, description="Return the prompt before the completion.")
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description="Only 0 is supported.")
+    logit_bias: dict[StrictStr, float] | None = Field(default=None, description="Not supported; omit it.")
+    logprobs: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description="Report the log-probability of each token and its top alternatives.",
+    )
+    max_tokens: StrictInt | None = Field(
+        default=16, ge=0, description="Tokens to generate at most; prompt + max_tokens must fit the context."
+    )
+    n: StrictInt = Field(default=1, ge=1, le=128, description="Completions per prompt.")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="Only 0 is supported.")
+    seed: StrictInt | None = Field(
+        default=None, ge=-(2**63), le=2**64 - 1, description="Choice i samples with seed + i: reproducible."
+    )
+    stop: StrictStr | list[StrictStr] | None = Field(
+        default=None, description="Up to 4 strings; generation stops before the first one produced."
+    )
+    stream: StrictBool = Field(default=False, description="Send server-sent events, then data: [DONE].")
+    stream_options: StreamOptions | None = None
+    suffix: StrictStr | None = Field(default=None, description="Not supported; omit it.")
+    temperature: float = Field(default=1.0, ge=0, le=2, description="0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling.")
+    user: StrictStr | None = Field(default=None, description="Accepted and ignored.")
+    # Extension (vLLM's name): keep only the last N prompt tokens instead of a 400.
+    truncate_prompt_tokens: StrictInt | None = Field(
+        default=None, ge=1, description="Keep only the last N prompt tokens (gpt2kit/vLLM extension)."
+    )
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The engine's view of this request (per choice)."""
+        return SamplingParams(
+            max_tokens=16 if self.max_tokens is None else self.max_tokens,
+            temperature=float(self.temperature),
+            top_p=float(self.top_p),
+            seed=self.seed,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.echo and self.logprobs is not None,
+        )
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """The body of a non-streamed completion, and (with partial choices) of each SSE chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gpt2kit"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    requests_in_flight: int
+    auth_required: bool
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error this server returns: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorDetail
+
+
+# --- the Explorer's JSON endpoints -------------------------------------------------------
+
+MAX_EXPLORER_TEXT = 20_000  # characters; the token count is checked against the context
+
+
+class NextRequest(BaseModel):
+    model_config = STRICT
+
+    text: StrictStr = Field(max_length=MAX_EXPLORER_TEXT, description="The prompt ('' = <|endoftext|>).")
+    k: StrictInt = Field(default=10, ge=1, le=100, description="How many candidates.")
+    temperature: float = Field(default=1.0, gt=0, le=5, description="Divides the logits before softmax.")
+
+
+class TokenInfo(BaseModel):
+    id: int
+    token: str
+
+
+class Candidate(BaseModel):
+    id: int
+    token: str
+    prob: float
+
+
+class NextResponse(BaseModel):
+    prompt_tokens: list[TokenInfo]
+    tokens: list[Candidate] = Field(description="In descending probability.")
+
+
+class AttentionRequest(BaseModel):
+    model_config = STRICT
+
+    text: StrictStr = Field(max_length=MAX_EXPLORER_TEXT)
+    layer: StrictInt = Field(default=0, ge=0)
+    head: StrictInt = Field(default=0, ge=0)
+
+
+class AttentionResponse(BaseModel):
+    tokens: list[TokenInfo]
+    n_layer: int
+    n_head: int
+    layer: int
+    head: int
+    weights: list[list[float]] = Field(description="T x T: row i is how token i spreads its attention.")
+
+
+class LensRequest(BaseModel):
+    model_config = STRICT
+
+    text: StrictStr = Field(max_length=MAX_EXPLORER_TEXT)
+    k: StrictInt = Field(default=3, ge=1, le=20)
+
+
+class LensLayer(BaseModel):
+    layer: int = Field(description="0 = the embeddings, i = after block i.")
+    tokens: list[Candidate]
+
+
+class LensResponse(BaseModel):
+    tokens: list[TokenInfo]
+    layers: list[LensLayer]
+
+
+class APIError(Exception):
+    """An error answered as ErrorResponse with `status` (raised anywhere in the server).
+
+    >>> APIError(400, "n must be <= 16; ask for fewer choices", param="n").status
+    400
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+
+    def body(self) -> dict:
+        return ErrorResponse(error=self.detail).model_dump()

@@ -1,0 +1,63 @@
+"""A real uvicorn server on a free loopback port, for the server and Explorer tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from conftest import hf_model, write_gpt2_tokenizer
+from gpt2kit.checkpoint import load_model, load_tokenizer
+from gpt2kit.server.app import create_app
+
+MODEL_NAME = "tiny"
+
+
+@dataclass
+class Server:
+    url: str
+    app: object
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+
+def make_model_dir(path: Path, *, n_positions: int = 512) -> Path:
+    """A random transformers GPT-2 (biases and norms randomised too) with GPT-2's tokenizer."""
+    model = hf_model(seed=7, vocab_size=50257, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4)
+    model.save_pretrained(path)
+    write_gpt2_tokenizer(path)
+    return path
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path, **app_options) -> Iterator[Server]:
+    """Serve the model in a background thread; the port is picked by the OS."""
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    app = create_app(model, tokenizer, model_name=MODEL_NAME, **app_options)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    try:
+        yield Server(f"http://127.0.0.1:{port}", app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
