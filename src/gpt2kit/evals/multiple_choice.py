@@ -1,0 +1,70 @@
+"""Multiple choice (HellaSwag / CBT style): the option with the highest log-likelihood wins.
+
+`acc` compares the summed log-probabilities of the options' tokens; `acc_norm` divides
+each by the option's length in UTF-8 bytes first (lm-eval-harness's length normalisation,
+which keeps long options from losing just for having more tokens). Options of many items
+are scored in one padded batch on top of one shared pass over each item's context.
+
+>>> result = evaluate_multiple_choice(model, tokenizer, task)  # doctest: +SKIP
+>>> result["metrics"]["acc"], result["metrics"]["acc_norm"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gpt2kit.evals.scoring import score_choices
+from gpt2kit.evals.stats import mean_stderr
+from gpt2kit.evals.tasks import Task, fewshot_prefix
+from gpt2kit.model import GPT2
+from gpt2kit.tokenizer import Tokenizer
+
+
+def evaluate_multiple_choice(
+    model: GPT2,
+    tokenizer: Tokenizer,
+    task: Task,
+    *,
+    shots: int = 0,
+    seed: int = 1234,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """`acc` and `acc_norm` over the task's items; every option's log-likelihood per item."""
+    contexts, options, texts = [], [], []
+    for item in task.items:
+        prefix = fewshot_prefix(task, item, shots=shots, seed=seed)
+        contexts.append(tokenizer.encode_ordinary(prefix + item.context))
+        conts = [task.target_delimiter + c for c in item.choices]
+        texts.append(conts)
+        options.append([tokenizer.encode_ordinary(c) for c in conts])
+    scores = score_choices(model, contexts, options, batch_size=batch_size, progress=progress)
+    items, hits, hits_norm = [], [], []
+    for item, conts, item_scores in zip(task.items, texts, scores, strict=True):
+        logprobs = [s.logprob for s in item_scores]
+        normed = [lp / len(c.encode("utf-8")) for lp, c in zip(logprobs, conts, strict=True)]
+        pred = max(range(len(logprobs)), key=logprobs.__getitem__)
+        pred_norm = max(range(len(normed)), key=normed.__getitem__)
+        hits.append(float(pred == item.label))
+        hits_norm.append(float(pred_norm == item.label))
+        items.append(
+            {
+                "line": item.line,
+                "label": item.label,
+                "pred": pred,
+                "pred_norm": pred_norm,
+                "logprobs": logprobs,
+            }
+        )
+    acc, acc_stderr = mean_stderr(hits)
+    acc_norm, acc_norm_stderr = mean_stderr(hits_norm)
+    metrics = {
+        "acc": acc,
+        "acc_stderr": acc_stderr,
+        "acc_norm": acc_norm,
+        "acc_norm_stderr": acc_norm_stderr,
+        "n_items": len(items),
+        "n_options": sum(len(o) for o in options),
+    }
+    return {"metrics": metrics, "items": items}

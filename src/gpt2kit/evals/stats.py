@@ -1,0 +1,22 @@
+"""Mean and standard error of per-item scores, the two numbers every accuracy is reported with."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """The mean and its standard error (sample standard deviation / sqrt(n); 0 for one value).
+
+    >>> mean_stderr([1.0, 0.0, 1.0, 0.0])
+    (0.5, 0.28867513459481287)
+    """
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
