@@ -1,0 +1,209 @@
+"""The quick start: Shakespeare -> a new byte-level BPE -> a small GPT-2 trained for a few minutes.
+
+Steps (each reuses the real pipeline, nothing demo-only):
+1. `prepare(["shakespeare"], OUT/data, tokenizer="bpe:4096")` (skipped when already there);
+2. pick a model for the device (small on CPU, bigger on a GPU) and time a few steps to turn
+   the minutes of the budget into `max_steps`, so warmup + cosine decay fit the budget;
+3. `train(...)` into OUT (with `max_minutes` as a hard stop if the machine slows down);
+4. score the whole val split (nats/token and bits per byte) and sample a few prompts.
+
+>>> result = quickstart("runs/quickstart", minutes=5)  # doctest: +SKIP
+>>> result.bits_per_byte  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2kit.data import TokenData, read_meta
+from gpt2kit.errors import ConfigError, Gpt2kitError
+from gpt2kit.runcheckpoint import checkpoint_dirs
+from gpt2kit.train import train
+from gpt2kit.trainconfig import TrainConfig
+
+log = logging.getLogger(__name__)
+
+TOKENIZER = "bpe:4096"
+VAL_FRACTION = 0.1  # ~4 of the 38 plays: a val loss worth reporting
+PROMPTS = ("ROMEO:", "JULIET:\n", "First Citizen:")
+EVALS, EVAL_ITERS = 4, 5  # few, small evaluations: the budget is for training
+
+# Chosen for learning the most per second on a 2-core CPU: a short context (Shakespeare's
+# speeches are short) and a narrow, shallow model; the lr is high because the run is short.
+CPU_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "batch_size": 16, "lr": 2e-3}
+GPU_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "batch_size": 64, "lr": 1e-3}
+
+
+@dataclass
+class QuickstartResult:
+    run_dir: Path
+    data_dir: Path
+    final_dir: Path
+    device: str
+    steps: int
+    train_seconds: float
+    val_loss: float
+    bits_per_byte: float | None
+    val_tokens: int
+    samples: dict[str, str]
+
+
+def quickstart_config(data_dir: Path, *, device: str, max_steps: int, minutes: float) -> TrainConfig:
+    on_gpu = device.startswith("cuda")
+    sizes = GPU_MODEL if on_gpu else CPU_MODEL
+    return TrainConfig(
+        data=str(data_dir),
+        **sizes,
+        max_steps=max_steps,
+        min_lr=sizes["lr"] / 10,
+        warmup_steps=min(100, max(1, max_steps // 20)),
+        eval_interval=max(1, max_steps // EVALS),
+        eval_iters=EVAL_ITERS,
+        log_interval=max(1, min(10, max_steps // 50)),
+        ckpt_interval=max(1, max_steps // 2),
+        keep_last=1,
+        device=device,
+        # On CPU compiling costs minutes of the budget and, with this model's 4096-token head,
+        # gained nothing measurable (benchmarks/README.md); on a GPU it pays for itself.
+        compile=on_gpu,
+        # a hard stop 15% past the budget, in case the machine gets slower than when timed
+        max_minutes=minutes * 1.15 if minutes > 0 else 0.0,
+    )
+
+
+def calibrate_steps(cfg: TrainConfig, seconds: float) -> int:
+    """How many optimizer steps of `cfg` fit in `seconds`, from a few timed steps."""
+    with tempfile.TemporaryDirectory(prefix="gpt2kit-calibrate-") as tmp:
+        timing = cfg.replace(
+            max_steps=8, log_interval=4, eval_interval=10**9, ckpt_interval=10**9, max_minutes=0.0
+        )
+        records: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        train(
+            timing, Path(tmp) / "run", on_event=lambda e: records.append(e) if "tokens_per_s" in e else None
+        )
+        wall = time.perf_counter() - t0
+    rate = records[-1]["tokens_per_s"]  # steps 5..8: after the first, slow ones (and compilation)
+    step_s = cfg.batch_size * cfg.block_size * cfg.grad_accum / rate
+    # Start-up and compilation happen again in the real run (cached, so usually faster).
+    overhead = max(0.0, wall - 8 * step_s)
+    # Each evaluation runs 2 x eval_iters forward passes, about a third of a step each.
+    eval_steps = EVALS * 2 * cfg.eval_iters / 3
+    return max(20, int((seconds - overhead) / step_s - eval_steps))
+
+
+def quickstart(
+    out: str | os.PathLike[str] = "runs/quickstart",
+    *,
+    minutes: float = 5.0,
+    max_steps: int | None = None,
+    device: str = "auto",
+    inputs: tuple[str, ...] = ("shakespeare",),
+    tokenizer: str = TOKENIZER,
+    overrides: dict[str, Any] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> QuickstartResult:
+    """Run the quick start into `out` (the run directory; the data goes to `out/data`).
+
+    `inputs` and `tokenizer` are `prepare`'s; `overrides` change TrainConfig keys of the
+    chosen model (tests use a small text, a small BPE and a tiny model).
+    """
+    from gpt2kit.checkpoint import load_model
+    from gpt2kit.generate import generate
+    from gpt2kit.prepare import prepare
+    from gpt2kit.splitloss import split_loss
+
+    stage = on_stage or (lambda msg: log.info("%s", msg))
+    out = Path(out)
+    if checkpoint_dirs(out) or (out / "final").exists():
+        raise ConfigError(
+            f"{out} already holds a training run; pass --out runs/another, remove {out}, or continue "
+            f"it with gpt2kit train --resume {out}"
+        )
+    if minutes <= 0 and max_steps is None:
+        raise ConfigError(f"--minutes must be > 0 (got {minutes}), or pass --max-steps")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    data_dir = out / "data"
+    if _prepared(data_dir, inputs, tokenizer):
+        stage(f"1/4 data: reusing {data_dir}")
+    else:
+        stage(f"1/4 data: {', '.join(inputs)} -> a new {tokenizer} byte-level BPE -> {data_dir}")
+        shutil.rmtree(data_dir, ignore_errors=True)
+        prepare(list(inputs), data_dir, tokenizer=tokenizer, val_fraction=VAL_FRACTION, progress=True)
+    data = TokenData.open(data_dir)
+    splits = data.meta["splits"]
+    stage(
+        f"    {splits['train']['tokens']:,} train tokens, {splits['val']['tokens']:,} val tokens, "
+        f"vocabulary {data.n_vocab}"
+    )
+
+    if max_steps is None:
+        cfg = quickstart_config(data_dir, device=device, max_steps=1000, minutes=minutes)
+        cfg = cfg.replace(**(overrides or {}))
+        stage(f"2/4 timing a few steps on {device} to fit {minutes:g} minutes of training")
+        max_steps = calibrate_steps(cfg, 60 * minutes)
+    cfg = quickstart_config(
+        data_dir, device=device, max_steps=max_steps, minutes=minutes if minutes > 0 else 0
+    )
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), **(overrides or {})}, source="quickstart overrides")
+    stage(
+        f"3/4 training a GPT-2 (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, block {cfg.block_size}) "
+        f"for {max_steps} steps into {out}"
+    )
+    t0 = time.perf_counter()
+    result = train(cfg, out, on_event=on_event)
+    seconds = time.perf_counter() - t0
+    if result.final_dir is None:  # Ctrl-C: train() saved a checkpoint
+        log.warning("interrupted at step %d; continue with: gpt2kit train --resume %s", result.step, out)
+        raise KeyboardInterrupt
+
+    stage("4/4 scoring the whole val split and sampling")
+    model = load_model(result.final_dir, device=device)
+    scores = split_loss(model, data, "val", block_size=cfg.block_size)
+    tokenizer = data.tokenizer()
+    samples = {}
+    for i, prompt in enumerate(PROMPTS):
+        ids = tokenizer.encode_ordinary(prompt)
+        new = min(160, model.config.n_positions - len(ids))
+        out_ids = generate(model, [ids], max_new_tokens=new, temperature=0.8, top_k=40, seed=i)[0]
+        text = tokenizer.decode(out_ids[: len(out_ids) - (out_ids[-1] == tokenizer.eot_token)])
+        samples[prompt] = text
+    return QuickstartResult(
+        run_dir=out,
+        data_dir=data_dir,
+        final_dir=result.final_dir,
+        device=device,
+        steps=result.step,
+        train_seconds=seconds,
+        val_loss=scores["loss"],
+        bits_per_byte=scores["bits_per_byte"],
+        val_tokens=scores["tokens"],
+        samples=samples,
+    )
+
+
+def _prepared(data_dir: Path, inputs: tuple[str, ...], tokenizer: str) -> bool:
+    """True when `data_dir` already holds this data (same inputs, tokenizer and split)."""
+    try:
+        meta = read_meta(data_dir)
+    except Gpt2kitError:
+        return False
+    sources = [s.get("input") for s in meta.get("source", {}).get("inputs", [])]
+    return (
+        sources == list(inputs)
+        and meta["tokenizer"].get("name") == tokenizer.replace(":", "-")
+        and meta.get("val_fraction") == VAL_FRACTION
+    )

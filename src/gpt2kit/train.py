@@ -1,0 +1,595 @@
+"""The training loop: next-token prediction on prepared data, on one device or many (DDP).
+
+What one optimizer step does (GPT2.md, "Training"):
+1. lr from the schedule: linear warmup, then cosine decay to `min_lr` (a pure function of step);
+2. `grad_accum` micro-batches of random blocks (batches.py), each a pure function of
+   (seed, step, micro), loss scaled so the gradient is the global batch's mean;
+3. gradient clipping at `grad_clip`; a non-finite gradient norm stops the run (or skips the step);
+4. AdamW with weight decay on >= 2-D parameters only (fused kernels where available).
+
+Every `eval_interval` steps train/val loss is estimated on fixed batches, every
+`ckpt_interval` steps (and at the end, and on Ctrl-C) a checkpoint is written
+(runcheckpoint.py). Since all state is saved and all randomness is derived from the step,
+a resumed run is bit-identical to an uninterrupted one on CPU.
+
+>>> cfg = TrainConfig(data="data/shakespeare", max_steps=100)  # doctest: +SKIP
+>>> result = train(cfg, "runs/shakespeare")  # doctest: +SKIP
+>>> result.final_dir  # loads with gpt2kit generate --model and transformers  # doctest: +SKIP
+PosixPath('runs/shakespeare/final')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gpt2kit import atomic
+from gpt2kit.batches import BlockSampler, micro_steps
+from gpt2kit.checkpoint import from_hf_state_dict, read_state_dict, resolve, save_model
+from gpt2kit.config import GPT2Config
+from gpt2kit.data import TokenData
+from gpt2kit.errors import CheckpointError, ConfigError, DataError, Gpt2kitError
+from gpt2kit.metrics import MetricsLog
+from gpt2kit.model import GPT2
+from gpt2kit.runcheckpoint import (
+    RunCheckpoint,
+    checkpoint_dirs,
+    latest_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+    write_dir,
+)
+from gpt2kit.trainconfig import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s for MFU, by substring of the CUDA device name.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+class NonFiniteLossError(Gpt2kitError):
+    """The loss or gradient became NaN/inf."""
+
+
+@dataclass
+class TrainResult:
+    """How a `train` call ended."""
+
+    run_dir: Path
+    step: int
+    interrupted: bool
+    final_dir: Path | None
+    last_checkpoint: Path | None
+    train_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    tokens_per_s: float | None
+
+
+# --- pieces that are useful on their own ------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr.
+
+    >>> cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=100)
+    >>> lr_at(0, cfg), lr_at(9, cfg), round(lr_at(99, cfg), 6)
+    (0.0001, 0.001, 0.0001)
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - 1 - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.decay_to + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.decay_to)
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices and embeddings (>= 2-D) decay; biases and LayerNorms don't."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # Fused AdamW updates all parameters in a few kernels; PyTorch has it on CUDA and CPU.
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(
+        optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused
+    )
+
+
+def flops_per_token(config: GPT2Config, block_size: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
+    n = sum(
+        [
+            config.wte_rows * config.n_embd,
+            config.n_layer * (12 * config.n_embd**2 + 13 * config.n_embd),
+        ]
+    )
+    return 6 * n + 12 * config.n_layer * config.n_embd * block_size
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def model_config(cfg: TrainConfig, data: TokenData) -> GPT2Config:
+    """The GPT-2 shape a from-scratch run builds: the config's size, the data's vocabulary."""
+    sizes = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd}
+    if cfg.init_from.startswith("scratch:"):
+        preset = GPT2Config.from_name(cfg.init_from.removeprefix("scratch:"))
+        sizes = {"n_layer": preset.n_layer, "n_head": preset.n_head, "n_embd": preset.n_embd}
+    vocab = data.n_vocab
+    return GPT2Config(
+        vocab_size=vocab,
+        n_positions=cfg.block_size,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        bos_token_id=data.eot_token,
+        eos_token_id=data.eot_token,
+        # A multiple of 64 rows is faster; the extra rows are zero and never scored.
+        padded_vocab_size=None if vocab % 64 == 0 else math.ceil(vocab / 64) * 64,
+        **sizes,
+    )
+
+
+def build_model(cfg: TrainConfig, data: TokenData, *, resume_from: Path | None = None) -> GPT2:
+    """A fresh model, a fine-tuning start (init_from a model dir / hub id) or a checkpoint's weights."""
+    source: Path | None = resume_from
+    if source is None and not cfg.init_from.startswith("scratch"):
+        source = resolve(cfg.init_from)
+    if source is None:
+        model = GPT2(model_config(cfg, data))
+    else:
+        config = GPT2Config.from_json_file(source / "config.json").replace(
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout
+        )
+        if config.vocab_size != data.n_vocab:
+            raise DataError(
+                f"{source} has a vocabulary of {config.vocab_size} tokens but the data in {data.path} "
+                f"uses {data.n_vocab}; prepare the data with that model's tokenizer "
+                f"(gpt2kit prepare ... --tokenizer {source})"
+            )
+        if cfg.block_size > config.n_positions:
+            raise ConfigError(
+                f"block_size ({cfg.block_size}) exceeds the model's context of {config.n_positions}; "
+                f"use --set block_size={config.n_positions}"
+            )
+        model = GPT2(config)
+        # Copy into the freshly allocated (contiguous) parameters so numerics match a fresh run.
+        model.load_state_dict(from_hf_state_dict(read_state_dict(source), model, source=source))
+    with torch.no_grad():
+        model.wte.weight[model.config.vocab_size :].zero_()  # padding rows: never used, kept zero
+    return model
+
+
+# --- distributed setup -----------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group torchrun set up (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device_name.startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return Dist(rank, local, world)
+
+
+def pick_device(name: str, d: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and d.enabled:
+        name = f"cuda:{d.local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device is 'cuda' but no CUDA GPU is available; use --set device=cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain float32). Weights and optimizer state stay float32."""
+    if cfg.dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+class _Interrupt:
+    """Turns the first Ctrl-C into a flag checked after each step (a second one aborts at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to abort now)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def resume_config(run_dir: str | os.PathLike[str], overrides: list[str] | None = None) -> TrainConfig:
+    """The saved configuration of a run, with `key=value` overrides (e.g. a larger max_steps)."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run_dir}: no config.toml, so this is not a gpt2kit run directory; "
+            "start a run with gpt2kit train --data DATA --out RUN_DIR"
+        )
+    return TrainConfig.load(path, overrides=overrides)
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train (or with `resume=True` continue) the run in `run_dir`; see the module docstring.
+
+    `on_event` receives every record written to metrics.jsonl plus {"kind": "start" | "checkpoint"
+    | "final"} records, on the main process only (the CLI draws its progress bar from them).
+    """
+    run_dir = Path(run_dir)
+    d = init_distributed(
+        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    try:
+        return _train(cfg, run_dir, d, resume=resume, on_event=on_event or (lambda e: None))
+    finally:
+        if d.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(
+    cfg: TrainConfig, run_dir: Path, d: Dist, *, resume: bool, on_event: Callable[[dict[str, Any]], None]
+) -> TrainResult:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.grad_accum % d.world_size:
+        raise ConfigError(
+            f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of processes ({d.world_size}); "
+            f"e.g. --set grad_accum={d.world_size * max(1, cfg.grad_accum // d.world_size)}"
+        )
+    if cfg.parallel == "fsdp" and d.enabled:
+        raise ConfigError("parallel='fsdp' is not implemented yet; use parallel='ddp' (see docs/training.md)")
+    if not cfg.data:
+        raise ConfigError("data is not set; pass --data DATA_DIR (a directory made by gpt2kit prepare)")
+    device = pick_device(cfg.device, d)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 parts
+    data = TokenData.open(cfg.data)
+    tokenizer = data.tokenizer()
+
+    ckpt: RunCheckpoint | None = None
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise CheckpointError(
+                f"{run_dir}: no usable checkpoint to resume from; start over with "
+                f"gpt2kit train --data {cfg.data} --out {run_dir}"
+            )
+    elif checkpoint_dirs(run_dir):
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints; continue it with gpt2kit train --resume {run_dir} "
+            "or choose a new --out"
+        )
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg, data, resume_from=ckpt.path if ckpt else None).to(device)
+    if cfg.block_size > model.config.n_positions:
+        raise ConfigError(f"block_size ({cfg.block_size}) exceeds the model's n_positions")
+    raw_model = model
+    optimizer = build_optimizer(raw_model, cfg, device)
+    step = 0
+    best_val: float | None = None
+    best_step: int | None = None
+    if ckpt is not None:
+        restore_optimizer(optimizer, ckpt)
+        restore_rng(ckpt)
+        step = ckpt.step
+        best_val, best_step = ckpt.state.get("best_val_loss"), ckpt.state.get("best_step")
+        log.info("resuming from %s (step %d)", ckpt.path, step)
+    else:
+        # Dropout differs per rank; data order comes from batches.py, not from these.
+        torch.manual_seed(cfg.seed + d.rank)
+        random.seed(cfg.seed + d.rank)
+        np.random.seed(cfg.seed + d.rank)
+
+    train_sampler = BlockSampler(data, "train", block_size=cfg.block_size, seed=cfg.seed)
+    try:
+        val_sampler: BlockSampler | None = BlockSampler(data, "val", block_size=cfg.block_size, seed=cfg.seed)
+    except DataError as e:
+        val_sampler = None
+        if d.main:
+            log.warning("no validation loss: %s", e)
+
+    if cfg.compile:
+        model = torch.compile(model)
+    eval_model = model  # compiled when asked, never the DDP wrapper (evaluation needs no gradient sync)
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = autocast_dtype(cfg, device)
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp)) if amp else contextlib.nullcontext
+
+    micros = list(micro_steps(cfg.grad_accum, rank=d.rank, world_size=d.world_size))
+    scale = 1.0 / len(micros)  # DDP averages over ranks, so the gradient is the global mean
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    flops = flops_per_token(raw_model.config, cfg.block_size)
+    peak = peak_flops(device)
+
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run_dir / "config.toml", cfg.to_toml())
+    metrics = MetricsLog(run_dir, resume_step=step if ckpt else None) if d.main else None
+
+    def emit(record: dict[str, Any], *, to_file: bool = True) -> None:
+        if not d.main:
+            return
+        if to_file and metrics is not None:
+            metrics.write(record)
+        on_event(record)
+
+    last_ckpt: Path | None = ckpt.path if ckpt else None
+    saved_step = step if ckpt else -1
+    train_loss = val_loss = rate = None
+    interrupted = False
+
+    def checkpoint() -> None:
+        nonlocal last_ckpt, saved_step
+        if d.main:
+            state = {
+                "config": cfg.to_dict(),
+                "data_position": {"seed": cfg.seed, "step": step},
+                "best_val_loss": best_val,
+                "best_step": best_step,
+                "world_size": d.world_size,
+            }
+            last_ckpt = save_checkpoint(
+                run_dir,
+                step=step,
+                model=raw_model,
+                tokenizer=tokenizer,
+                optimizer=optimizer,
+                state=state,
+                keep_last=cfg.keep_last,
+            )
+            emit({"kind": "checkpoint", "step": step, "path": str(last_ckpt)}, to_file=False)
+        saved_step = step
+        _barrier(d)
+
+    emit(
+        {
+            "kind": "start",
+            "step": step,
+            "max_steps": cfg.max_steps,
+            "parameters": raw_model.num_parameters(),
+            "device": str(device),
+            "world_size": d.world_size,
+            "tokens_per_step": tokens_per_step,
+        },
+        to_file=False,
+    )
+    try:
+        with _Interrupt() as interrupt:
+            t_log, steps_since_log = time.perf_counter(), 0
+            t_start, steps_run = time.perf_counter(), 0
+            model.train()
+            while step < cfg.max_steps:
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=device)
+                for j, m in enumerate(micros):
+                    x, y = train_sampler.batch(step=step, micro=m, batch_size=cfg.batch_size)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    sync = j == len(micros) - 1 or not d.enabled
+                    with contextlib.nullcontext() if sync else model.no_sync(), autocast():
+                        loss = model(x, y).loss * scale
+                    loss.backward()
+                    loss_sum += loss.detach()
+                norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+                if d.enabled:
+                    _all_reduce_mean(loss_sum, d)
+                finite = bool(torch.isfinite(norm) & torch.isfinite(loss_sum))
+                if not finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    if not cfg.skip_nonfinite:
+                        where = (
+                            f"the last good checkpoint is {last_ckpt}: resume with gpt2kit train --resume "
+                            f"{run_dir} --set lr={cfg.lr / 2:g} (or --set skip_nonfinite=true)"
+                            if last_ckpt
+                            else "no checkpoint was written yet: lower lr and start again"
+                        )
+                        raise NonFiniteLossError(f"loss became {loss_sum.item()} at step {step}; {where}")
+                    log.warning("step %d: non-finite loss %s, step skipped", step, loss_sum.item())
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step += 1
+                steps_run += 1
+                steps_since_log += 1
+
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    now = time.perf_counter()
+                    rate = tokens_per_step * steps_since_log / (now - t_log)
+                    train_loss = loss_sum.item()
+                    record = {
+                        "step": step,
+                        "loss": train_loss,
+                        "lr": lr,
+                        "tokens_per_s": rate,
+                        "grad_norm": norm.item(),
+                        "time": time.time(),
+                        "eta_s": (now - t_start) / steps_run * (cfg.max_steps - step),
+                    }
+                    if peak:
+                        record["mfu"] = flops * rate / (peak * d.world_size)
+                    emit(record)
+                    t_log, steps_since_log = time.perf_counter(), 0
+
+                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                    losses = estimate_loss(
+                        eval_model,
+                        {"train": train_sampler, "val": val_sampler},
+                        cfg,
+                        device,
+                        d,
+                        autocast,
+                    )
+                    train_eval, val_loss = losses["train"], losses.get("val")
+                    score = val_loss if val_loss is not None else train_eval
+                    if best_val is None or score < best_val:
+                        best_val, best_step = score, step
+                    emit({"kind": "eval", "step": step, "train_loss": train_eval, "val_loss": val_loss})
+                    t_log = time.perf_counter()  # evaluation time is not training throughput
+
+                time_up = cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes
+                interrupted, time_up = _any([interrupt.requested, time_up], d, device)
+                if interrupted:
+                    break
+                if time_up and step < cfg.max_steps:
+                    log.info(
+                        "time budget of %g min reached at step %d of %d", cfg.max_minutes, step, cfg.max_steps
+                    )
+                    break
+                if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
+                    checkpoint()
+                    t_log = time.perf_counter()
+            if step != saved_step:
+                checkpoint()
+        final_dir = None
+        if not interrupted:
+            final_dir = run_dir / "final"
+            if d.main:
+                write_dir(final_dir, lambda tmp: save_model(raw_model, tmp, tokenizer=tokenizer))
+                emit({"kind": "final", "step": step, "path": str(final_dir)}, to_file=False)
+            _barrier(d)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return TrainResult(
+        run_dir=run_dir,
+        step=step,
+        interrupted=interrupted,
+        final_dir=final_dir,
+        last_checkpoint=last_ckpt,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        best_val_loss=best_val,
+        tokens_per_s=rate,
+    )
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: nn.Module,
+    samplers: dict[str, BlockSampler | None],
+    cfg: TrainConfig,
+    device: torch.device,
+    d: Dist,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Mean loss over `eval_iters` fixed batches per split (the same batches at every eval)."""
+    model.eval()
+    out = {}
+    for split, sampler in samplers.items():
+        if sampler is None:
+            continue
+        total = torch.zeros((), device=device, dtype=torch.float64)
+        for k in range(d.rank, cfg.eval_iters, d.world_size):
+            x, y = sampler.batch(step=0, micro=k, batch_size=cfg.batch_size, stream=f"eval-{split}")
+            with autocast():
+                total += model(x.to(device), y.to(device)).loss.double()
+        if d.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+        out[split] = total.item() / cfg.eval_iters
+    model.train()
+    return out
+
+
+def _all_reduce_mean(t: torch.Tensor, d: Dist) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(t)
+    t /= d.world_size
+
+
+def _any(flags: list[bool], d: Dist, device: torch.device) -> list[bool]:
+    """Each flag true on every rank when it is true on any (so all ranks stop at the same step)."""
+    if not d.enabled:
+        return flags
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def _barrier(d: Dist) -> None:
+    if d.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()

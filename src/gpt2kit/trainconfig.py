@@ -1,0 +1,224 @@
+"""TrainConfig: every training setting in one dataclass, filled from TOML plus `key=value` overrides.
+
+No Python config files are executed: a TOML file sets keys, `--set key=value` overrides them,
+and every value is checked here with an error naming the key. The resolved config is written
+to `RUN_DIR/config.toml`, which `gpt2kit train --resume` reads back.
+
+>>> cfg = TrainConfig.load(overrides=["max_steps=200", "lr=3e-4"])
+>>> cfg.max_steps, cfg.lr
+(200, 0.0003)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt2kit.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = None  # type: ignore[assignment]
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (nanoGPT's names where they exist). Sizes are per optimizer step.
+
+    The global batch of one optimizer step is `batch_size * grad_accum` sequences of
+    `block_size` tokens, whatever the number of processes: with N processes each runs
+    `grad_accum / N` micro-steps, so the loss curve doesn't depend on N.
+    """
+
+    # data and model
+    data: str = ""  # prepared data directory (gpt2kit prepare)
+    init_from: str = "scratch"  # "scratch", "scratch:gpt2" (a preset's shape), or a model dir / hub id
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    dropout: float = 0.0
+    # optimisation
+    batch_size: int = 12  # sequences per micro-step per process
+    grad_accum: int = 1  # micro-steps per optimizer step, summed over all processes
+    max_steps: int = 2000
+    max_minutes: float = 0.0  # stop early (checkpoint + final model) after this much training; 0: no limit
+    lr: float = 6e-4
+    min_lr: float = -1.0  # end of the cosine decay; negative means lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    skip_nonfinite: bool = False  # skip steps with a NaN/inf loss instead of stopping
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 500
+    keep_last: int = 2  # checkpoints kept besides the best one
+    # system
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 autocast on GPUs that support it, else float32
+    compile: bool = False
+    parallel: str = "ddp"  # with several processes: "ddp" (replicas) or "fsdp" (sharded)
+    threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- loading and saving ---------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        overrides: list[str] | None = None,
+        base: dict[str, Any] | None = None,
+    ) -> TrainConfig:
+        """Defaults, then `base`, then the TOML file at `path`, then `key=value` overrides."""
+        values: dict[str, Any] = dict(base or {})
+        if path is not None:
+            values.update(_read_toml(Path(path)))
+        for item in overrides or []:
+            key, value = parse_override(item)
+            values[key] = value
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                fix = f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(known)}"
+                raise ConfigError(f"unknown key {key!r} in {source}; {fix}")
+            kwargs[key] = _coerce(key, value, known[key].type)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The config as TOML text that `load` reads back to an equal config."""
+        lines = ["# gpt2kit train configuration (resolved; `gpt2kit train --config` reads it)"]
+        for key, value in self.to_dict().items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    # --- checks ---------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps"]
+        positive += ["eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep_last"]
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("warmup_steps", "threads", "max_minutes"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for key in ("lr", "weight_decay", "grad_clip"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+                raise ConfigError(
+                    f"{key} must be a finite number {'> 0' if key == 'lr' else '>= 0'}, got {value!r}"
+                )
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr}); negative means lr / 10")
+        for key in ("beta1", "beta2", "dropout"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1), got {value!r}")
+        for key, allowed in (("device", DEVICES), ("dtype", DTYPES), ("parallel", PARALLEL)):
+            value = getattr(self, key)
+            if value not in allowed and not (key == "device" and value.startswith(("cuda:", "mps:"))):
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        if not self.init_from:
+            raise ConfigError("init_from must be 'scratch', 'scratch:PRESET' or a model directory / hub id")
+
+    @property
+    def decay_to(self) -> float:
+        return self.min_lr if self.min_lr >= 0 else self.lr / 10
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` with a TOML value (`lr=3e-4`, `compile=true`); bare words are strings."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}; e.g. --set max_steps=500")
+    raw = raw.strip()
+    if tomllib is not None:
+        try:
+            return key, tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass
+    return key, raw  # e.g. device=cuda or init_from=runs/x/final without quotes
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if tomllib is None:  # pragma: no cover - Python 3.10 without tomli
+        raise ConfigError("reading TOML configs needs Python >= 3.11; use --set key=value instead")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; check the --config path") from None
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    nested = [k for k, v in values.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"{path}: tables are not supported ([{nested[0]}]); write keys at the top level")
+    return values
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes

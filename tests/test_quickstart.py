@@ -1,0 +1,67 @@
+"""The quick start, shrunken: a small text, a small BPE, 20 steps; the real pipeline end to end."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import shakespeare_plays
+from gpt2kit.checkpoint import load_model, load_tokenizer
+from gpt2kit.errors import ConfigError
+from gpt2kit.metrics import read_metrics
+from gpt2kit.quickstart import PROMPTS, quickstart
+
+# A tiny model, not compiled (compiling would take longer than the whole test).
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 48, "block_size": 64, "batch_size": 8, "threads": 1}
+TINY |= {"lr": 3e-3, "compile": False}
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four scenes' worth of one play, as 20 documents (so there is a val split)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    text = shakespeare_plays()[0].read_text(encoding="utf-8")[:60000]
+    for i in range(20):
+        (folder / f"part{i:02d}.txt").write_text(text[i * 3000 : (i + 1) * 3000], encoding="utf-8")
+    return folder
+
+
+def test_quickstart_end_to_end(small_corpus: Path, tmp_path: Path) -> None:
+    stages: list[str] = []
+    events: list[dict] = []
+    out = tmp_path / "qs"
+    result = quickstart(
+        out,
+        max_steps=20,
+        device="cpu",
+        inputs=(str(small_corpus),),
+        tokenizer="bpe:300",
+        overrides=TINY,
+        on_stage=stages.append,
+        on_event=events.append,
+    )
+    assert [s.split(" ")[0] for s in stages if s[0].isdigit()] == [
+        "1/4",
+        "3/4",
+        "4/4",
+    ]  # --max-steps skips the timing stage
+    assert result.steps == 20 and result.final_dir == out / "final"
+    train_records, evals = read_metrics(out)
+    assert train_records[-1]["step"] == 20 and evals[-1]["val_loss"] is not None
+    # the model learned something: the val loss is well below uniform guessing over 300 tokens
+    assert result.val_loss < math.log(300) - 0.5
+    # bits per byte = nats/token * tokens / bytes / ln 2, with ~1-4 bytes per token here
+    assert result.bits_per_byte is not None
+    assert result.val_loss / math.log(2) / 4 < result.bits_per_byte < result.val_loss / math.log(2)
+    assert set(result.samples) == set(PROMPTS)
+    for prompt, text in result.samples.items():
+        assert text.startswith(prompt) and len(text) > len(prompt)
+    # the final model is a normal model directory with its own tokenizer
+    assert load_tokenizer(result.final_dir).n_vocab == load_model(result.final_dir).config.vocab_size == 300
+    assert any(e.get("kind") == "final" for e in events)
+
+    # a second run into the same directory refuses and says how to continue
+    with pytest.raises(ConfigError, match="--resume"):
+        quickstart(out, max_steps=20, device="cpu", inputs=(str(small_corpus),), tokenizer="bpe:300")
