@@ -1,25 +1,53 @@
 """Autoregressive decoding with a static KV cache: prefill once, then one position per token.
 
-`stream_tokens` yields each step's tokens as they are chosen; `generate` collects them into
-the transformers-style `[batch, prompt + new]` tensor; `stream_text` yields text pieces
-that never split a UTF-8 character.
+`decode_steps` is the engine: it left-pads prompts of different lengths (attention mask +
+position ids counted over real tokens, so every row gives what it gives alone), runs the
+logits-processor pipeline, samples each row from its own generator, and drops finished
+rows from the batch once half of them are done. On top of it:
+
+- `stream_tokens` yields each step's tokens (B,);
+- `generate` returns `[B, T + new]` ids for a tensor, or a list of id lists for a list of
+  prompts (beam search with `num_beams > 1`);
+- `stream_text` yields text pieces that never split a UTF-8 character nor leak a stop string.
+
+Seeds: row r of the batch (after `n` copies of each prompt, prompt i's copy j is row
+i * n + j) samples with `seed + r`, so `generate(m, [p0, p1], seed=s)[1]` equals
+`generate(m, [p1], seed=s + 1)[0]`. A list of seeds gives one per row.
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple, overload
 
 import torch
 from torch import Tensor
 
 from gpt2kit.errors import ConfigError
-from gpt2kit.model import GPT2, KVCache
-from gpt2kit.sampling import check_sampling, make_generators, sample
+from gpt2kit.model import GPT2, KVCache, use_decode_layout
+from gpt2kit.processors import History, LogitsPipeline, build_pipeline
+from gpt2kit.sampling import make_generators, sample_from_probs
+from gpt2kit.stopping import TextStream
 from gpt2kit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+Prompts = Tensor | Sequence[Sequence[int]]
+
+
+class Step(NamedTuple):
+    """One decoding step. `token` (B,): each row's next token (finished rows repeat eos).
+
+    With `logprobs=k`: `logprob` (B,) of the chosen token and the k most likely tokens
+    `top_ids`/`top_logprobs` (B, k), all under the model's own distribution (before
+    temperature and filters), as the OpenAI API reports them.
+    """
+
+    token: Tensor
+    logprob: Tensor | None = None
+    top_ids: Tensor | None = None
+    top_logprobs: Tensor | None = None
 
 
 def prepare_prompt(
@@ -58,6 +86,124 @@ def prepare_prompt(
     return input_ids, attention_mask, min(max_new_tokens, n_ctx - T)
 
 
+def pad_prompts(model: GPT2, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor | None]:
+    """Left-pad token-id lists into (ids (B, T), attention mask or None); empty -> <|endoftext|>."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ConfigError("prompts must be a non-empty list of token-id lists (or a [batch, T] tensor)")
+    eos = model.config.eos_token_id
+    rows = []
+    for p in prompts:
+        if isinstance(p, Tensor):
+            p = p.tolist()
+        if isinstance(p, (str, bytes)) or not all(isinstance(t, int) for t in p):
+            raise ConfigError(
+                "each prompt must be a list of int token ids; encode text with the tokenizer first"
+            )
+        rows.append(list(p) or [eos])
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), eos, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, T - len(r) :] = 1
+    return ids, (None if bool(mask.all()) else mask)
+
+
+@torch.inference_mode()
+def decode_steps(
+    model: GPT2,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    pipeline: LogitsPipeline,
+    seed: int | Sequence[int] | None = None,
+    attention_mask: Tensor | None = None,
+    eos_token_id: int | None = None,
+    logprobs: int | None = None,
+) -> Iterator[Step]:
+    """Yield one `Step` per new token for a [B, T] batch (see the module docstring).
+
+    Stops after `max_new_tokens`, at the context limit, or when every row has produced
+    `eos_token_id` (the model's <|endoftext|> by default; -1 never stops early).
+    """
+    device = model.wte.weight.device
+    if device.type == "cpu":
+        use_decode_layout(model)  # bit-identical, ~1.5x faster matrix-vector products on CPU
+    input_ids, attention_mask, max_new = prepare_prompt(model, input_ids, attention_mask, max_new_tokens)
+    if max_new == 0:
+        return
+    if logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= 20):
+        raise ConfigError(f"logprobs must be an integer in [0, 20], got {logprobs!r}")
+    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    B, T = input_ids.shape
+    generators = make_generators(seed, B, device)
+    cache = KVCache.allocate(model.config, B, T + max_new, device=device, dtype=model.wte.weight.dtype)
+    input_ids = input_ids.to(device)
+    mask = attention_mask.to(device) if attention_mask is not None else None
+    history = None
+    if pipeline.needs_history:
+        history = History(
+            torch.zeros(B, T + max_new, dtype=torch.long, device=device),
+            torch.zeros(B, T + max_new, dtype=torch.bool, device=device),
+        )
+        history.ids[:, :T] = input_ids
+        history.valid[:, :T] = mask.bool() if mask is not None else True
+    logits = model(input_ids, attention_mask=mask, kv_cache=cache, last_only=True).logits[:, -1]
+    active = torch.arange(B, device=device)  # original row of each cache row
+    active_rows = list(range(B))
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per original row
+    for step in range(max_new):
+        L = T + step
+        hist = History(history.ids[active, :L], history.valid[active, :L]) if history is not None else None
+        scores = pipeline(logits, hist)
+        if pipeline.greedy:
+            token = scores.argmax(dim=-1)
+        else:
+            gens = [generators[r] for r in active_rows] if generators is not None else None
+            token = sample_from_probs(scores.softmax(dim=-1), gens)
+        if eos >= 0:
+            token = token.masked_fill(done[active], eos)
+        out = Step(_scatter(token, active, B, eos))
+        if logprobs is not None:
+            raw = logits.float().log_softmax(dim=-1)
+            top = raw.topk(logprobs, dim=-1) if logprobs > 0 else None
+            out = Step(
+                out.token,
+                _scatter(raw.gather(1, token[:, None])[:, 0], active, B, 0.0),
+                _scatter(top.indices, active, B, eos) if top is not None else None,
+                _scatter(top.values, active, B, 0.0) if top is not None else None,
+            )
+        yield out
+        if history is not None:
+            history.ids[active, L] = token
+            history.valid[active, L] = True
+        if eos >= 0:
+            done[active] |= token == eos
+            finished = done[active]
+            n_done = int(finished.sum())
+            if n_done == len(active_rows):
+                return
+            # Finished rows still cost a forward pass; drop them once half the batch is done
+            # (the cache copy is then amortised over the steps it saves).
+            if n_done and 2 * n_done >= len(active_rows):
+                keep = (~finished).nonzero()[:, 0]
+                cache.select_rows(keep)
+                active = active[keep]
+                active_rows = active.tolist()
+                token = token[keep]
+        if step + 1 < max_new:
+            logits = model(token[:, None], kv_cache=cache, last_only=True).logits[:, -1]
+
+
+def _scatter(values: Tensor, active: Tensor, B: int, fill: float) -> Tensor:
+    """Place the active rows' values at their original rows of a (B, ...) tensor."""
+    if values.shape[0] == B:
+        return values
+    out = torch.full((B, *values.shape[1:]), fill, dtype=values.dtype, device=values.device)
+    out[active] = values
+    return out
+
+
 @torch.inference_mode()
 def stream_tokens(
     model: GPT2,
@@ -70,40 +216,44 @@ def stream_tokens(
     seed: int | Sequence[int] | None = None,
     attention_mask: Tensor | None = None,
     eos_token_id: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token of every row (B,) per step. Rows that ended get `eos_token_id`.
 
     Stops after `max_new_tokens`, at the context limit, or when every row has produced
     `eos_token_id` (the model's <|endoftext|> by default; pass -1 to never stop early).
     """
-    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    device = model.wte.weight.device
-    input_ids, attention_mask, max_new = prepare_prompt(model, input_ids, attention_mask, max_new_tokens)
-    if max_new == 0:
-        return
-    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
-    B, T = input_ids.shape
-    generators = make_generators(seed, B, device)
-    cache = KVCache.allocate(model.config, B, T + max_new, device=device, dtype=model.wte.weight.dtype)
-    input_ids = input_ids.to(device)
-    mask = attention_mask.to(device) if attention_mask is not None else None
-    logits = model(input_ids, attention_mask=mask, kv_cache=cache, last_only=True).logits[:, -1]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new):
-        token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generators=generators)
-        token = token.masked_fill(done, eos) if eos >= 0 else token
-        yield token
-        if eos >= 0:
-            done |= token == eos
-            if bool(done.all()):
-                return
-        if step + 1 < max_new:
-            logits = model(token[:, None], kv_cache=cache, last_only=True).logits[:, -1]
+    pipeline = build_pipeline(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+    )
+    for step in decode_steps(
+        model,
+        input_ids,
+        max_new_tokens=max_new_tokens,
+        pipeline=pipeline,
+        seed=seed,
+        attention_mask=attention_mask,
+        eos_token_id=eos_token_id,
+    ):
+        yield step.token
+
+
+@overload
+def generate(model: GPT2, input_ids: Tensor, **kwargs) -> Tensor: ...
+@overload
+def generate(model: GPT2, input_ids: Sequence[Sequence[int]], **kwargs) -> list[list[int]]: ...
 
 
 def generate(
     model: GPT2,
-    input_ids: Tensor,
+    input_ids: Prompts,
     *,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -112,30 +262,95 @@ def generate(
     seed: int | Sequence[int] | None = None,
     attention_mask: Tensor | None = None,
     eos_token_id: int | None = None,
-) -> Tensor:
-    """Continue each row of `input_ids` [B, T]; returns [B, T + new] ids, prompt included.
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    n: int = 1,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+) -> Tensor | list[list[int]]:
+    """Continue each prompt; returns the prompt plus its new tokens.
 
-    `temperature=0` (or `top_k=1`) is greedy. Rows that end early are padded with
-    `eos_token_id`, as `transformers` does for GPT-2.
+    `input_ids` a [B, T] tensor -> a [B * n, T + new] tensor; rows that end early are
+    padded with `eos_token_id`, as `transformers` does for GPT-2. A list of token-id
+    lists (any lengths) -> a list of B * n id lists, each ending at its <|endoftext|>
+    (included) or at `max_new_tokens`. `temperature=0` (or `top_k=1`) is greedy;
+    `num_beams > 1` is beam search as `transformers` does it (see `gpt2kit.beam`).
 
     >>> out = generate(model, torch.tensor([[15496]]), max_new_tokens=8, seed=0)  # doctest: +SKIP
+    >>> outs = generate(model, [[15496, 995], [40]], max_new_tokens=8, temperature=0)  # doctest: +SKIP
     """
-    prompt, _, _ = prepare_prompt(model, input_ids, attention_mask, max_new_tokens)
-    steps = list(
-        stream_tokens(
+    as_list = not isinstance(input_ids, Tensor)
+    if as_list:
+        if attention_mask is not None:
+            raise ConfigError("attention_mask is only for tensor input; a list of prompts is padded for you")
+        input_ids, attention_mask = pad_prompts(model, input_ids)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"n must be an integer >= 1, got {n!r}")
+    if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 1:
+        raise ConfigError(f"--num-beams must be an integer >= 1, got {num_beams!r}")
+    if n > 1 and num_beams > 1:
+        raise ConfigError("n > 1 samples with beam search is not supported; use one or the other")
+    prompt, mask, _ = prepare_prompt(model, input_ids, attention_mask, max_new_tokens)
+    if n > 1:
+        input_ids, prompt = input_ids.repeat_interleave(n, dim=0), prompt.repeat_interleave(n, dim=0)
+        attention_mask = attention_mask.repeat_interleave(n, dim=0) if attention_mask is not None else None
+        mask = mask.repeat_interleave(n, dim=0) if mask is not None else None
+    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    if num_beams > 1:
+        from gpt2kit.beam import beam_search
+
+        out = beam_search(
             model,
             input_ids,
+            attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            eos_token_id=eos,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+    else:
+        pipeline = build_pipeline(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            seed=seed,
-            attention_mask=attention_mask,
-            eos_token_id=eos_token_id,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         )
-    )
-    new = torch.stack(steps, dim=1).cpu() if steps else prompt.new_zeros((prompt.shape[0], 0))
-    return torch.cat([prompt.cpu(), new], dim=1)
+        steps = [
+            s.token
+            for s in decode_steps(
+                model,
+                input_ids,
+                max_new_tokens=max_new_tokens,
+                pipeline=pipeline,
+                seed=seed,
+                attention_mask=attention_mask,
+                eos_token_id=eos_token_id,
+            )
+        ]
+        new = torch.stack(steps, dim=1).cpu() if steps else prompt.new_zeros((prompt.shape[0], 0))
+        out = torch.cat([prompt.cpu(), new], dim=1)
+    if not as_list:
+        return out
+    return unpad(out, mask, prompt.shape[1], eos)
+
+
+def unpad(out: Tensor, mask: Tensor | None, T: int, eos: int) -> list[list[int]]:
+    """Rows of a left-padded [B, T + new] result as lists: padding removed, cut after eos."""
+    rows = []
+    for i, row in enumerate(out.tolist()):
+        start = 0 if mask is None else int((mask[i] == 0).sum())
+        new = row[T:]
+        if eos >= 0 and eos in new:
+            new = new[: new.index(eos) + 1]
+        rows.append(row[start:T] + new)
+    return rows
 
 
 def stream_text(
@@ -149,16 +364,21 @@ def stream_text(
     top_p: float | None = None,
     seed: int | None = None,
     on_token: Callable[[int], None] | None = None,
+    stop: str | Sequence[str] | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces, never splitting a UTF-8 character.
 
-    The text stops before <|endoftext|>. `"".join(stream_text(...))` is the whole
-    continuation. `on_token` is called with every generated id (e.g. to count them).
+    The text stops before <|endoftext|> or before the first `stop` string (which is never
+    yielded, not even in part). `"".join(stream_text(...))` is the whole continuation.
+    `on_token` is called with every generated id (e.g. to count them).
     """
     ids = tokenizer.encode(prompt) if prompt else []
     input_ids = torch.tensor([ids], dtype=torch.long).reshape(1, len(ids))
     eos = tokenizer.eot_token if tokenizer.special_tokens else model.config.eos_token_id
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = TextStream(stop=stop)
     for token in stream_tokens(
         model,
         input_ids,
@@ -168,15 +388,20 @@ def stream_text(
         top_p=top_p,
         seed=seed,
         eos_token_id=eos,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     ):
         t = int(token[0])
         if on_token is not None:
             on_token(t)
         if t == eos:
             break
-        piece = decoder.decode(tokenizer.decode_bytes([t]))
+        piece = text.push(tokenizer.decode_bytes([t]))
         if piece:
             yield piece
-    tail = decoder.decode(b"", final=True)
+        if text.stopped:
+            return
+    tail = text.finish()
     if tail:
         yield tail

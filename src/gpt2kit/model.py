@@ -269,6 +269,27 @@ class GPT2(nn.Module):
         return self.wpe_table[position_ids].to(self.wte.weight.dtype)
 
 
+def use_decode_layout(model: nn.Module) -> None:
+    """Lay every Linear/Embedding weight out [in, out] in memory; values and shapes unchanged.
+
+    One-token decoding is a matrix-vector product per weight, bound by memory bandwidth.
+    On CPU, `x @ W.T` streams a weight stored [in, out] (the `W.T` contiguous) about 1.5x
+    faster than one stored [out, in] (benchmarks/README.md), and the result is bit-identical.
+    The parameters stay the same objects (a strided view), so training, `state_dict` and
+    `save_pretrained` work as before. Idempotent.
+
+    >>> model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10, n_positions=8))
+    >>> use_decode_layout(model); model.wte.weight.stride()
+    (1, 10)
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dim() == 2:
+                w = module.weight
+                if w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
+                    w.data = w.data.t().contiguous().t()
+
+
 def sinusoidal_table(n_positions: int, n_embd: int) -> Tensor:
     """The fixed position encoding of seed 001: sin on even dims, cos on odd, (n_positions, C)."""
     pos = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)
