@@ -292,10 +292,11 @@ def generate(
         raise ConfigError(f"--num-beams must be an integer >= 1, got {num_beams!r}")
     if n > 1 and num_beams > 1:
         raise ConfigError("n > 1 samples with beam search is not supported; use one or the other")
+    # Prepared once here (empty -> <|endoftext|>, cut to the context, with its one warning);
+    # the decoders below then get a prompt that needs no further change.
     prompt, mask, _ = prepare_prompt(model, input_ids, attention_mask, max_new_tokens)
     if n > 1:
-        input_ids, prompt = input_ids.repeat_interleave(n, dim=0), prompt.repeat_interleave(n, dim=0)
-        attention_mask = attention_mask.repeat_interleave(n, dim=0) if attention_mask is not None else None
+        prompt = prompt.repeat_interleave(n, dim=0)
         mask = mask.repeat_interleave(n, dim=0) if mask is not None else None
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     if num_beams > 1:
@@ -303,8 +304,8 @@ def generate(
 
         out = beam_search(
             model,
-            input_ids,
-            attention_mask=attention_mask,
+            prompt,
+            attention_mask=mask,
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             length_penalty=length_penalty,
@@ -326,11 +327,11 @@ def generate(
             s.token
             for s in decode_steps(
                 model,
-                input_ids,
+                prompt,
                 max_new_tokens=max_new_tokens,
                 pipeline=pipeline,
                 seed=seed,
-                attention_mask=attention_mask,
+                attention_mask=mask,
                 eos_token_id=eos_token_id,
             )
         ]
