@@ -26,6 +26,7 @@ logs a warning naming the file.
 
 from __future__ import annotations
 
+import abc
 import codecs
 import functools
 import glob
@@ -76,7 +77,7 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
     return "".join(parts), replaced
 
 
-class Corpus:
+class Corpus(abc.ABC):
     """Documents from one INPUT. Iterate it (again and again) for the documents.
 
     `bytes_read` grows while iterating (for progress bars); `total_bytes` is the size when
@@ -96,8 +97,9 @@ class Corpus:
         self.replaced_bytes = 0
         yield from self._documents()
 
-    def _documents(self) -> Iterator[str]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _documents(self) -> Iterator[str]:
+        """Yield the documents of this input, one string each."""
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description for meta.json."""
