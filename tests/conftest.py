@@ -54,20 +54,22 @@ def bytes_vocab(
     return vocab, merges
 
 
+# The shape every tiny test model shares (ours and transformers'); dropout off for determinism.
+TINY: dict[str, Any] = dict(
+    vocab_size=97,
+    n_positions=64,
+    n_embd=32,
+    n_layer=2,
+    n_head=2,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
+
+
 def tiny_config(**overrides: Any) -> GPT2Config:
     """A GPT-2 small enough to run in milliseconds; dropout off so outputs are deterministic."""
-    kw: dict[str, Any] = dict(
-        vocab_size=97,
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=96,
-        eos_token_id=96,
-    )
+    kw: dict[str, Any] = dict(TINY, bos_token_id=96, eos_token_id=96)
     kw.update(overrides)
     return GPT2Config(**kw)
 
@@ -85,16 +87,7 @@ def hf_model(seed: int = 0, **overrides: Any):
     """
     import transformers
 
-    kw: dict[str, Any] = dict(
-        vocab_size=97,
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
+    kw: dict[str, Any] = dict(TINY)
     kw.update(overrides)
     # <|endoftext|> is the last id, as in GPT-2, whatever the vocabulary size.
     kw.setdefault("bos_token_id", kw["vocab_size"] - 1)

@@ -12,7 +12,8 @@ from conftest import scripted_model, tiny_model
 from gpt2kit import GPT2, Tokenizer, generate
 from gpt2kit.errors import ConfigError
 from gpt2kit.generate import stream_text
-from gpt2kit.sampling import make_generators, sample
+from gpt2kit.processors import sample
+from gpt2kit.sampling import make_generators
 
 PROMPT = "Hello world, this is a test of"
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from gpt2kit.errors import ConfigError
 from gpt2kit.model import GPT2, KVCache, use_decode_layout
 from gpt2kit.processors import History, LogitsPipeline, build_pipeline
-from gpt2kit.sampling import make_generators, sample_from_probs
+from gpt2kit.sampling import make_generators
 from gpt2kit.stopping import TextStream
 from gpt2kit.tokenizer import Tokenizer
 
@@ -155,12 +155,8 @@ def decode_steps(
     for step in range(max_new):
         L = T + step
         hist = History(history.ids[active, :L], history.valid[active, :L]) if history is not None else None
-        scores = pipeline(logits, hist)
-        if pipeline.greedy:
-            token = scores.argmax(dim=-1)
-        else:
-            gens = [generators[r] for r in active_rows] if generators is not None else None
-            token = sample_from_probs(scores.softmax(dim=-1), gens)
+        gens = [generators[r] for r in active_rows] if generators is not None else None
+        token = pipeline.pick(logits, hist, gens)
         if eos >= 0:
             token = token.masked_fill(done[active], eos)
         out = Step(_scatter(token, active, B, eos))

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from gpt2kit.errors import ConfigError
-from gpt2kit.sampling import check_sampling, top_k_filter, top_p_filter
+from gpt2kit.sampling import check_sampling, sample_from_probs, top_k_filter, top_p_filter
 
 
 class History(NamedTuple):
@@ -172,6 +172,18 @@ class LogitsPipeline:
             logits = p(logits, history)
         return logits
 
+    def pick(
+        self,
+        logits: Tensor,
+        history: History | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> Tensor:
+        """The next token per row (B,): the argmax when greedy, else a draw (one generator per row)."""
+        scores = self(logits, history)
+        if self.greedy:
+            return scores.argmax(dim=-1)
+        return sample_from_probs(scores.softmax(dim=-1), generators)
+
 
 def check_processors(
     *,
@@ -228,3 +240,20 @@ def build_pipeline(
         if min_p is not None and min_p > 0:
             procs.append(MinP(float(min_p)))
     return LogitsPipeline(tuple(procs), greedy=greedy)
+
+
+def sample(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+) -> Tensor:
+    """Next token per row (B,) from last-position logits (B, V). temperature 0 = greedy.
+
+    >>> sample(torch.tensor([[0.0, 9.0]]), temperature=0)
+    tensor([1])
+    """
+    pipeline = build_pipeline(temperature=temperature, top_k=top_k, top_p=top_p)
+    return pipeline.pick(logits, None, generators)

@@ -44,45 +44,24 @@ def top_k_filter(logits: Tensor, k: int) -> Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches p (nucleus)."""
-    if p >= 1.0:
+def top_p_filter(logits: Tensor, p: float | Tensor) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (nucleus).
+
+    `p` is one float, or one value per row (B,) (the server batches rows with their own p);
+    a row whose p is >= 1 is left as it is.
+    """
+    if not isinstance(p, Tensor) and p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    probs = sorted_logits.softmax(dim=-1)
     # Drop a token when the tokens before it already reach p; the top token always stays.
-    drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= p
+    if isinstance(p, Tensor):
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= p[:, None]
+        drop_sorted &= (p < 1)[:, None]
+    else:
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
-
-
-def process_logits(
-    logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
-) -> Tensor:
-    """Temperature, then top-k, then top-p: the logits that sampling draws from (B, V)."""
-    logits = logits.float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    return logits
-
-
-def sample(
-    logits: Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generators: Sequence[torch.Generator] | None = None,
-) -> Tensor:
-    """Next token per row (B,) from last-position logits (B, V). temperature 0 = greedy."""
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1)
-    probs = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
-    return sample_from_probs(probs, generators)
 
 
 def sample_from_probs(probs: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:

@@ -139,46 +139,31 @@ def run(args: argparse.Namespace) -> int:
             )
             result = {"metrics": metrics, "items": []}
             settings["stride"] = stride
-        elif args.task == "lambada":
-            from gpt2kit.evals.lambada import evaluate_lambada
-
-            result = evaluate_lambada(
-                model,
-                tokenizer,
-                task,
-                shots=args.shots,
-                seed=args.seed,
-                batch_size=args.batch_size,
-                progress=bar.update,
-            )
-        elif args.task == "multiple-choice":
-            from gpt2kit.evals.multiple_choice import evaluate_multiple_choice
-
-            result = evaluate_multiple_choice(
-                model,
-                tokenizer,
-                task,
-                shots=args.shots,
-                seed=args.seed,
-                batch_size=args.batch_size,
-                progress=bar.update,
-            )
         else:
-            from gpt2kit.evals.generation import evaluate_generation
+            # The task-file kinds share their options; `generate` adds its decoding ones.
+            common = {"shots": args.shots, "seed": args.seed, "batch_size": args.batch_size}
+            if args.task == "lambada":
+                from gpt2kit.evals.lambada import evaluate_lambada
 
-            settings["max_new_tokens"] = args.max_new_tokens
-            settings["temperature"] = args.temperature
-            result = evaluate_generation(
-                model,
-                tokenizer,
-                task,
-                shots=args.shots,
-                seed=args.seed,
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                progress=bar.update,
-            )
+                result = evaluate_lambada(model, tokenizer, task, **common, progress=bar.update)
+            elif args.task == "multiple-choice":
+                from gpt2kit.evals.multiple_choice import evaluate_multiple_choice
+
+                result = evaluate_multiple_choice(model, tokenizer, task, **common, progress=bar.update)
+            else:
+                from gpt2kit.evals.generation import evaluate_generation
+
+                settings["max_new_tokens"] = args.max_new_tokens
+                settings["temperature"] = args.temperature
+                result = evaluate_generation(
+                    model,
+                    tokenizer,
+                    task,
+                    **common,
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature,
+                    progress=bar.update,
+                )
     elapsed = time.perf_counter() - t0
     model_info = {
         "name_or_path": str(args.model),

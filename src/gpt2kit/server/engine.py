@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from gpt2kit.model import GPT2, KVCache
+from gpt2kit.sampling import top_p_filter
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +457,7 @@ def sample_rows(
     greedy = temperature == 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     if bool((top_p < 1).any()):
-        scaled = _top_p_rows(scaled, top_p)
+        scaled = top_p_filter(scaled, top_p)
     cdf = scaled.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
     u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])  # (B,)
     # The first token whose cumulative probability exceeds u (scaled by the total, so float
@@ -478,13 +479,3 @@ def _top(logprobs: Tensor, k: int, chosen: int) -> list[tuple[int, float]]:
     if all(i != chosen for i, _ in out):
         out.append((chosen, float(logprobs[chosen])))
     return out
-
-
-def _top_p_rows(logits: Tensor, top_p: Tensor) -> Tensor:
-    """Nucleus filter with a p per row (B,), the same rule as gpt2kit.sampling.top_p_filter."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-    drop_sorted &= (top_p < 1)[:, None]
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
