@@ -12,6 +12,7 @@ It also prints the memory-bandwidth bound: every decode step reads all weights o
     python benchmarks/bench_generate.py                       # batch 1, fp32
     python benchmarks/bench_generate.py --batch 8             # batched decode
     python benchmarks/bench_generate.py --dtype bfloat16      # or --quantize int8
+    python benchmarks/bench_generate.py --compile             # compiled decode step
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quantize", default=None, choices=["int8"], help="gpt2kit only: int8 weights")
+    ap.add_argument(
+        "--compile", action="store_true", help="gpt2kit only: compiled decode step (compile time printed apart)"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument(
@@ -92,7 +96,8 @@ def main() -> None:
         f"transformers {transformers.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}"
     )
     print(
-        f"model: GPT-2 124M random weights, {args.dtype}{' + int8 weights' if args.quantize else ''}, "
+        f"model: GPT-2 124M random weights, {args.dtype}{' + int8 weights' if args.quantize else ''}"
+        f"{', gpt2kit compiled' if args.compile else ''}, "
         f"batch {args.batch}, prompt {args.prompt}, new {args.new}"
     )
     print(f"weights read per step {weight_bytes / 1e6:.1f} MB (the tied wte counted once)")
@@ -101,7 +106,7 @@ def main() -> None:
     ids = torch.randint(0, 50000, (args.batch, args.prompt), generator=g)
 
     def ours_run(n: int) -> None:
-        generate(ours, ids, max_new_tokens=n, temperature=0, eos_token_id=-1)
+        generate(ours, ids, max_new_tokens=n, temperature=0, eos_token_id=-1, compile=args.compile)
 
     def hf_run(n: int) -> None:
         with torch.inference_mode():
@@ -119,8 +124,10 @@ def main() -> None:
     # Interleaved: every repeat runs each system once, so both see the same machine load.
     rates: dict[str, list[float]] = {name: [] for name in systems}
     bws = [bw]
-    for fn in systems.values():
-        fn(args.new)  # warm-up: allocator, oneDNN primitives, lazy init
+    for name, fn in systems.items():
+        t0 = time.perf_counter()
+        fn(args.new)  # warm-up: allocator, oneDNN primitives, lazy init, compiling
+        print(f"{name} warm-up run (compiling included): {time.perf_counter() - t0:.1f} s")
     for _ in range(args.repeats):
         for name, fn in systems.items():
             rates[name].append(decode_rate(fn, new=args.new, batch=args.batch))

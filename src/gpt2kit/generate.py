@@ -24,6 +24,7 @@ from typing import NamedTuple, overload
 import torch
 from torch import Tensor
 
+from gpt2kit.compiled import cache_length, compiled_decoder
 from gpt2kit.errors import ConfigError
 from gpt2kit.model import GPT2, KVCache, use_decode_layout
 from gpt2kit.processors import History, LogitsPipeline, build_pipeline
@@ -120,11 +121,14 @@ def decode_steps(
     attention_mask: Tensor | None = None,
     eos_token_id: int | None = None,
     logprobs: int | None = None,
+    compile: bool = False,
 ) -> Iterator[Step]:
     """Yield one `Step` per new token for a [B, T] batch (see the module docstring).
 
     Stops after `max_new_tokens`, at the context limit, or when every row has produced
     `eos_token_id` (the model's <|endoftext|> by default; -1 never stops early).
+    `compile=True` runs each step as one compiled graph (`gpt2kit.compiled`): a minute
+    of compiling first, then up to ~1.4x faster steps; finished rows are then kept.
     """
     device = model.wte.weight.device
     if device.type == "cpu":
@@ -137,7 +141,12 @@ def decode_steps(
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     B, T = input_ids.shape
     generators = make_generators(seed, B, device)
-    cache = KVCache.allocate(model.config, B, T + max_new, device=device, dtype=model.wte.weight.dtype)
+    cache_len = T + max_new
+    decoder = None
+    if compile:
+        decoder = compiled_decoder(model)
+        cache_len = cache_length(cache_len, model.config.n_positions)
+    cache = KVCache.allocate(model.config, B, cache_len, device=device, dtype=model.wte.weight.dtype)
     input_ids = input_ids.to(device)
     mask = attention_mask.to(device) if attention_mask is not None else None
     history = None
@@ -180,15 +189,19 @@ def decode_steps(
             if n_done == len(active_rows):
                 return
             # Finished rows still cost a forward pass; drop them once half the batch is done
-            # (the cache copy is then amortised over the steps it saves).
-            if n_done and 2 * n_done >= len(active_rows):
+            # (the cache copy is then amortised over the steps it saves). A compiled step
+            # has a static batch, so there they stay.
+            if decoder is None and n_done and 2 * n_done >= len(active_rows):
                 keep = (~finished).nonzero()[:, 0]
                 cache.select_rows(keep)
                 active = active[keep]
                 active_rows = active.tolist()
                 token = token[keep]
         if step + 1 < max_new:
-            logits = model(token[:, None], kv_cache=cache, last_only=True).logits[:, -1]
+            if decoder is not None:
+                logits = decoder.step(token[:, None], cache)
+            else:
+                logits = model(token[:, None], kv_cache=cache, last_only=True).logits[:, -1]
 
 
 def _scatter(values: Tensor, active: Tensor, B: int, fill: float) -> Tensor:
@@ -215,6 +228,7 @@ def stream_tokens(
     min_p: float | None = None,
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
+    compile: bool = False,
 ) -> Iterator[Tensor]:
     """Yield the next token of every row (B,) per step. Rows that ended get `eos_token_id`.
 
@@ -237,6 +251,7 @@ def stream_tokens(
         seed=seed,
         attention_mask=attention_mask,
         eos_token_id=eos_token_id,
+        compile=compile,
     ):
         yield step.token
 
@@ -265,6 +280,7 @@ def generate(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
+    compile: bool = False,
 ) -> Tensor | list[list[int]]:
     """Continue each prompt; returns the prompt plus its new tokens.
 
@@ -273,6 +289,7 @@ def generate(
     lists (any lengths) -> a list of B * n id lists, each ending at its <|endoftext|>
     (included) or at `max_new_tokens`. `temperature=0` (or `top_k=1`) is greedy;
     `num_beams > 1` is beam search as `transformers` does it (see `gpt2kit.beam`).
+    `compile=True` compiles the decode step (`gpt2kit.compiled`): worth it for long runs.
 
     >>> out = generate(model, torch.tensor([[15496]]), max_new_tokens=8, seed=0)  # doctest: +SKIP
     >>> outs = generate(model, [[15496, 995], [40]], max_new_tokens=8, temperature=0)  # doctest: +SKIP
@@ -288,6 +305,8 @@ def generate(
         raise ConfigError(f"--num-beams must be an integer >= 1, got {num_beams!r}")
     if n > 1 and num_beams > 1:
         raise ConfigError("n > 1 samples with beam search is not supported; use one or the other")
+    if compile and num_beams > 1:
+        raise ConfigError("compiled decoding is for sampling and greedy search; drop compile for beam search")
     # Prepared once here (empty -> <|endoftext|>, cut to the context, with its one warning);
     # the decoders below then get a prompt that needs no further change.
     prompt, mask, _ = prepare_prompt(model, input_ids, attention_mask, max_new_tokens)
@@ -329,6 +348,7 @@ def generate(
                 seed=seed,
                 attention_mask=mask,
                 eos_token_id=eos_token_id,
+                compile=compile,
             )
         ]
         new = torch.stack(steps, dim=1).cpu() if steps else prompt.new_zeros((prompt.shape[0], 0))
@@ -365,6 +385,7 @@ def stream_text(
     min_p: float | None = None,
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
+    compile: bool = False,
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces, never splitting a UTF-8 character.
 
@@ -388,6 +409,7 @@ def stream_text(
         min_p=min_p,
         repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size,
+        compile=compile,
     ):
         t = int(token[0])
         if on_token is not None:

@@ -87,8 +87,11 @@ class CausalSelfAttention(nn.Module):
         attn_mask: Tensor | None,
         is_causal: bool,
         cache: tuple[Tensor, Tensor] | None = None,
-        start: int = 0,
+        start: int | Tensor = 0,
     ) -> Tensor:
+        """`start`: where the new positions go in `cache`. A tensor of the T cache indices
+        (compiled decoding, `gpt2kit.compiled`) keeps every shape static: the whole cache is
+        attended to and `attn_mask` hides the positions not written yet."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
@@ -96,9 +99,14 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k_cache, v_cache = cache
-            k_cache[:, :, start : start + T] = k
-            v_cache[:, :, start : start + T] = v
-            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, nh, L, hs)
+            if isinstance(start, Tensor):
+                k_cache.index_copy_(2, start, k)
+                v_cache.index_copy_(2, start, v)
+                k, v = k_cache, v_cache  # (B, nh, max_len, hs)
+            else:
+                k_cache[:, :, start : start + T] = k
+                v_cache[:, :, start : start + T] = v
+                k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, nh, L, hs)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -139,7 +147,7 @@ class Block(nn.Module):
         attn_mask: Tensor | None,
         is_causal: bool,
         cache: tuple[Tensor, Tensor] | None = None,
-        start: int = 0,
+        start: int | Tensor = 0,
     ) -> Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, start)
         return x + self.mlp(self.ln_2(x))
@@ -242,26 +250,41 @@ class GPT2(nn.Module):
             position_ids = _position_ids(key_mask, start, T, idx.device)
         attn_mask, is_causal = _attention_mask(key_mask, start, T, idx.device)
 
-        x = self.wte(idx) + self._positions(position_ids)  # (B, T, C)
-        x = self.drop(x)
-        for i, block in enumerate(self.h):
-            cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
-            x = block(x, attn_mask, is_causal, cache, start)
+        caches = list(zip(kv_cache.k, kv_cache.v, strict=True)) if kv_cache is not None else None
+        x = self.hidden_states(idx, position_ids, attn_mask, is_causal, caches, start)
         if kv_cache is not None:
             kv_cache.pos = start + T
             if key_mask is not None:
                 if kv_cache.mask is None:
                     kv_cache.mask = torch.ones(B, kv_cache.max_len, dtype=torch.bool, device=idx.device)
                 kv_cache.mask[:, : start + T] = key_mask
-        x = self.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
-        # Tied output projection; rows past vocab_size (padding) are never scored.
-        logits = F.linear(x, self.wte.weight[: self.config.vocab_size])  # (B, T, V)
+        logits = self.logits(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return CausalLMOutput(logits, loss)
+
+    def hidden_states(
+        self,
+        idx: Tensor,
+        position_ids: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        caches: list[tuple[Tensor, Tensor]] | None = None,
+        start: int | Tensor = 0,
+    ) -> Tensor:
+        """ln_f(blocks(wte + wpe)) for (B, T) ids: (B, T, C). Masks as `_attention_mask` makes
+        them; `caches[i]` is layer i's (k, v) written at `start` (see CausalSelfAttention)."""
+        x = self.drop(self.wte(idx) + self._positions(position_ids))  # (B, T, C)
+        for i, block in enumerate(self.h):
+            x = block(x, attn_mask, is_causal, caches[i] if caches is not None else None, start)
+        return self.ln_f(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The tied output projection; rows past vocab_size (padding) are never scored."""
+        return F.linear(x, self.wte.weight[: self.config.vocab_size])
 
     def _positions(self, position_ids: Tensor) -> Tensor:
         if self.config.position_embedding == "learned":

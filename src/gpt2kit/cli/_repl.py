@@ -80,7 +80,7 @@ def prompt_loop(model, tokenizer, args: argparse.Namespace) -> int:
                     # The generate command's other sampling flags, when it has them.
                     **{
                         name: getattr(args, name)
-                        for name in ("stop", "min_p", "repetition_penalty", "no_repeat_ngram_size")
+                        for name in ("stop", "min_p", "repetition_penalty", "no_repeat_ngram_size", "compile")
                         if getattr(args, name, None) is not None
                     },
                 ):
