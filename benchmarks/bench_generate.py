@@ -59,7 +59,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quantize", default=None, choices=["int8"], help="gpt2kit only: int8 weights")
     ap.add_argument(
-        "--compile", action="store_true", help="gpt2kit only: compiled decode step (compile time printed apart)"
+        "--compile",
+        action="store_true",
+        help="gpt2kit only: compiled decode step (compile time printed apart)",
     )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")

@@ -12,6 +12,7 @@
 A checkpoint is assembled in a hidden temporary directory, every file fsynced, then renamed
 into place, so a crash at any moment leaves the previous checkpoints intact. On load each
 candidate is checked against its manifest; a damaged one is skipped with a warning.
+FSDP training writes the same files: fsdp.py gathers the full state onto rank 0 first.
 
 >>> ckpt = latest_checkpoint("runs/shakespeare")  # doctest: +SKIP
 >>> ckpt.step, ckpt.path.name
@@ -97,17 +98,18 @@ def save_checkpoint(
     step: int,
     model: GPT2,
     tokenizer: Tokenizer | None,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     state: dict[str, Any],
     keep_last: int,
 ) -> Path:
     """Write RUN_DIR/ckpt-{step}, point `latest` (and `best`) at it, prune old ones.
 
-    `state` is JSON data (step, config, data position, best val loss ...); optimizer and RNG
-    states are added here. Returns the checkpoint's path.
+    `optimizer` is the optimizer or its full `state_dict()` (parameters keyed by index, as
+    FSDP training gathers it: fsdp.py). `state` is JSON data (step, config, data position,
+    best val loss ...); optimizer and RNG states are added here. Returns the checkpoint's path.
     """
     run_dir = Path(run_dir)
-    opt = optimizer.state_dict()
+    opt = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -197,8 +199,8 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: RunCheckpoint) -> None:
-    """Load the saved moments and hyper-parameters into `optimizer` (same parameter order)."""
+def optimizer_state(ckpt: RunCheckpoint) -> dict[str, Any]:
+    """The saved optimizer as an `optimizer.state_dict()`: moments and hyper-parameters by index."""
     try:
         tensors = ckpt.tensors()
     except (SafetensorError, OSError) as e:
@@ -212,8 +214,14 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: RunCheckpoint) -> 
     for group in groups:
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: RunCheckpoint) -> None:
+    """Load the saved moments and hyper-parameters into `optimizer` (same parameter order)."""
+    saved = optimizer_state(ckpt)
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        optimizer.load_state_dict(saved)
     except (ValueError, KeyError) as e:
         raise CheckpointError(
             f"{ckpt.path}: optimizer state doesn't fit this model ({e}); resume with the run's own config"

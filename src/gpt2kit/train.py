@@ -1,4 +1,4 @@
-"""The training loop: next-token prediction on prepared data, on one device or many (DDP).
+"""The training loop: next-token prediction on prepared data, on one device or many (DDP or FSDP).
 
 What one optimizer step does (GPT2.md, "Training"):
 1. lr from the schedule: linear warmup, then cosine decay to `min_lr` (a pure function of step);
@@ -12,6 +12,11 @@ Every `eval_interval` steps train/val loss is estimated on fixed batches, every
 (runcheckpoint.py). Since all state is saved and all randomness is derived from the step,
 a resumed run is bit-identical to an uninterrupted one on CPU.
 
+Under torchrun, `parallel="ddp"` trains a DistributedDataParallel replica per process and
+`parallel="fsdp"` shards weights, gradients and AdamW state over the processes (fsdp.py);
+both see the same micro-batches and average the same gradients, so the loss curve is the
+same, and checkpoints have the same format either way.
+
 >>> cfg = TrainConfig(data="data/shakespeare", max_steps=100)  # doctest: +SKIP
 >>> result = train(cfg, "runs/shakespeare")  # doctest: +SKIP
 >>> result.final_dir  # loads with gpt2kit generate --model and transformers  # doctest: +SKIP
@@ -21,6 +26,7 @@ PosixPath('runs/shakespeare/final')
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -48,6 +54,7 @@ from gpt2kit.model import GPT2
 from gpt2kit.runcheckpoint import (
     RunCheckpoint,
     checkpoint_dirs,
+    ckpt_name,
     latest_checkpoint,
     restore_optimizer,
     restore_rng,
@@ -309,8 +316,6 @@ def _train(
             f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of processes ({d.world_size}); "
             f"e.g. --set grad_accum={d.world_size * max(1, cfg.grad_accum // d.world_size)}"
         )
-    if cfg.parallel == "fsdp" and d.enabled:
-        raise ConfigError("parallel='fsdp' is not implemented yet; use parallel='ddp' (see docs/training.md)")
     if not cfg.data:
         raise ConfigError("data is not set; pass --data DATA_DIR (a directory made by gpt2kit prepare)")
     device = pick_device(cfg.device, d)
@@ -338,12 +343,32 @@ def _train(
     if cfg.block_size > model.config.n_positions:
         raise ConfigError(f"block_size ({cfg.block_size}) exceeds the model's n_positions")
     raw_model = model
+    amp = autocast_dtype(cfg, device)
+    # With one process parallel="fsdp" has nothing to shard: the run is a plain one.
+    sharded = cfg.parallel == "fsdp" and d.enabled
+    if sharded:
+        from gpt2kit import fsdp
+
+        # FSDP computes in bf16 itself (MixedPrecisionPolicy); float16 stays autocast, as with DDP.
+        fsdp.shard(raw_model, device, param_dtype=amp if amp == torch.bfloat16 else None)
+        if d.main:
+            log.info(
+                "FSDP: weights, gradients and AdamW state sharded over %d processes%s",
+                d.world_size,
+                " (bf16 compute, float32 reduction)" if amp == torch.bfloat16 else "",
+            )
+        amp = None if amp == torch.bfloat16 else amp
+    # After sharding: the optimizer must hold the sharded (DTensor) parameters.
     optimizer = build_optimizer(raw_model, cfg, device)
     step = 0
     best_val: float | None = None
     best_step: int | None = None
     if ckpt is not None:
-        restore_optimizer(optimizer, ckpt)
+        # The weights came with build_model (every rank reads them; sharding kept each rank's slice).
+        if sharded:
+            fsdp.restore_optimizer(raw_model, optimizer, ckpt)
+        else:
+            restore_optimizer(optimizer, ckpt)
         restore_rng(ckpt)
         step = ckpt.step
         best_val, best_step = ckpt.state.get("best_val_loss"), ckpt.state.get("best_step")
@@ -364,16 +389,21 @@ def _train(
 
     if cfg.compile:
         model = torch.compile(model)
-    eval_model = model  # compiled when asked, never the DDP wrapper (evaluation needs no gradient sync)
-    if d.enabled:
+    # Compiled when asked, never the DDP wrapper (evaluation needs no gradient sync). Under FSDP
+    # it is the sharded model: its forward all-gathers the weights, so every rank must run it.
+    eval_model = model
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    if sharded:
+        no_sync = functools.partial(fsdp.no_sync, raw_model)
+    elif d.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = autocast_dtype(cfg, device)
+        no_sync = model.no_sync
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     micros = list(micro_steps(cfg.grad_accum, rank=d.rank, world_size=d.world_size))
-    scale = 1.0 / len(micros)  # DDP averages over ranks, so the gradient is the global mean
+    scale = 1.0 / len(micros)  # DDP and FSDP average over ranks, so the gradient is the global mean
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     flops = flops_per_token(raw_model.config, cfg.block_size)
     peak = peak_flops(device)
@@ -397,7 +427,14 @@ def _train(
 
     def checkpoint() -> None:
         nonlocal last_ckpt, saved_step
+        # Under FSDP every rank takes part in gathering the full state; rank 0 writes it.
+        plain, opt_state = (
+            (fsdp.full_model(raw_model), fsdp.full_optimizer_state(raw_model, optimizer))
+            if sharded
+            else (raw_model, optimizer)
+        )
         if d.main:
+            assert plain is not None and opt_state is not None
             state = {
                 "config": cfg.to_dict(),
                 "data_position": {"seed": cfg.seed, "step": step},
@@ -408,13 +445,15 @@ def _train(
             last_ckpt = save_checkpoint(
                 run_dir,
                 step=step,
-                model=raw_model,
+                model=plain,
                 tokenizer=tokenizer,
-                optimizer=optimizer,
+                optimizer=opt_state,
                 state=state,
                 keep_last=cfg.keep_last,
             )
             emit({"kind": "checkpoint", "step": step, "path": str(last_ckpt)}, to_file=False)
+        else:  # so that every rank's NaN message names the checkpoint rank 0 wrote
+            last_ckpt = run_dir / ckpt_name(step)
         saved_step = step
         _barrier(d)
 
@@ -444,11 +483,15 @@ def _train(
                     x, y = train_sampler.batch(step=step, micro=m, batch_size=cfg.batch_size)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     sync = j == len(micros) - 1 or not d.enabled
-                    with contextlib.nullcontext() if sync else model.no_sync(), autocast():
-                        loss = model(x, y).loss * scale
-                    loss.backward()
+                    # Gradients are averaged across ranks on the last micro-step only.
+                    with contextlib.nullcontext() if sync else no_sync():
+                        with autocast():
+                            loss = model(x, y).loss * scale
+                        loss.backward()
                     loss_sum += loss.detach()
                 norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+                if sharded:
+                    norm = norm.full_tensor()  # a replicated DTensor: the norm over all shards
                 if d.enabled:
                     _all_reduce_mean(loss_sum, d)
                 finite = bool(torch.isfinite(norm) & torch.isfinite(loss_sum))
@@ -496,6 +539,7 @@ def _train(
                         device,
                         d,
                         autocast,
+                        lockstep=sharded,
                     )
                     train_eval, val_loss = losses["train"], losses.get("val")
                     score = val_loss if val_loss is not None else train_eval
@@ -521,8 +565,10 @@ def _train(
         final_dir = None
         if not interrupted:
             final_dir = run_dir / "final"
+            final = fsdp.full_model(raw_model) if sharded else raw_model  # under FSDP: every rank gathers
             if d.main:
-                write_dir(final_dir, lambda tmp: save_model(raw_model, tmp, tokenizer=tokenizer))
+                assert final is not None
+                write_dir(final_dir, lambda tmp: save_model(final, tmp, tokenizer=tokenizer))
                 emit({"kind": "final", "step": step, "path": str(final_dir)}, to_file=False)
             _barrier(d)
     finally:
@@ -549,18 +595,29 @@ def estimate_loss(
     device: torch.device,
     d: Dist,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    *,
+    lockstep: bool = False,
 ) -> dict[str, float]:
-    """Mean loss over `eval_iters` fixed batches per split (the same batches at every eval)."""
+    """Mean loss over `eval_iters` fixed batches per split (the same batches at every eval).
+
+    Rank r scores batches r, r + N, ... With `lockstep` (FSDP, whose every forward is a
+    collective all-gather) all ranks run the same number of forwards: when N doesn't divide
+    `eval_iters`, the ranks short of one score a batch again and don't count it.
+    """
     model.eval()
     out = {}
+    n = -(-cfg.eval_iters // d.world_size) * d.world_size if lockstep else cfg.eval_iters
     for split, sampler in samplers.items():
         if sampler is None:
             continue
         total = torch.zeros((), device=device, dtype=torch.float64)
-        for k in range(d.rank, cfg.eval_iters, d.world_size):
-            x, y = sampler.batch(step=0, micro=k, batch_size=cfg.batch_size, stream=f"eval-{split}")
+        for k in range(d.rank, n, d.world_size):
+            micro = k % cfg.eval_iters
+            x, y = sampler.batch(step=0, micro=micro, batch_size=cfg.batch_size, stream=f"eval-{split}")
             with autocast():
-                total += model(x.to(device), y.to(device)).loss.double()
+                loss = model(x.to(device), y.to(device)).loss.double()
+            if k < cfg.eval_iters:
+                total += loss
         if d.enabled:
             import torch.distributed as dist
 

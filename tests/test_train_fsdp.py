@@ -1,0 +1,158 @@
+"""FSDP training (`parallel = "fsdp"`) with two gloo processes on CPU, against one process.
+
+The same tiny model and byte-level data as tests/test_train.py. One FSDP run (module
+fixture) serves the comparisons with a single-process run, the checks of its final model
+and checkpoints, and the resume test. `grad_accum=4` gives each rank two micro-steps (the
+first without gradient sync), and `eval_iters=3` does not divide among two ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpt2kit.checkpoint import load_model
+from gpt2kit.metrics import read_metrics
+from gpt2kit.runcheckpoint import checkpoint_dirs, latest_checkpoint
+from gpt2kit.train import train
+from test_train import config, make_data, tiny_args
+
+SETTINGS = {
+    "max_steps": 6,
+    "log_interval": 1,
+    "eval_interval": 3,
+    "eval_iters": 3,
+    "ckpt_interval": 3,
+    "keep_last": 5,
+    "grad_accum": 4,
+}
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+    """`torchrun --standalone --nproc_per_node 2 -m gpt2kit ARGS` on CPU (gloo), one thread each."""
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+            *("-m", "gpt2kit", *args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    proc = torchrun(*tiny_args(data_dir, run, parallel="fsdp", **SETTINGS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP: weights, gradients and AdamW state sharded over 2 processes" in proc.stderr
+    return run
+
+
+def test_fsdp_two_processes_match_one_process(data_dir: Path, fsdp_run: Path, tmp_path: Path) -> None:
+    # One process with parallel="fsdp" has nothing to shard and trains as a plain run.
+    one_run = tmp_path / "one"
+    train(config(data_dir, parallel="fsdp", **SETTINGS), one_run)
+    one, one_evals = read_metrics(one_run)
+    two, two_evals = read_metrics(fsdp_run)
+    assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "grad_norm"):  # grad_norm: the global norm over both ranks' shards
+        np.testing.assert_allclose(
+            [r[key] for r in two], [r[key] for r in one], rtol=1e-5, atol=0, err_msg=key
+        )
+    assert [e["step"] for e in two_evals] == [3, 6]
+    for key in ("train_loss", "val_loss"):
+        np.testing.assert_allclose(
+            [e[key] for e in two_evals], [e[key] for e in one_evals], rtol=1e-5, atol=0, err_msg=key
+        )
+    a, b = load_model(one_run / "final"), load_model(fsdp_run / "final")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+    # The checkpoints are the single-process format: same files, tensor names, optimizer layout.
+    assert [p.name for p in checkpoint_dirs(fsdp_run)] == ["ckpt-000006", "ckpt-000003"]
+    for name in ("ckpt-000003", "ckpt-000006"):
+        ours, theirs = one_run / name, fsdp_run / name
+        assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+        t1, t2 = load_file(ours / "trainer.safetensors"), load_file(theirs / "trainer.safetensors")
+        assert t1.keys() == t2.keys()
+        for key in (k for k in t1 if k.startswith("optim.")):
+            torch.testing.assert_close(t2[key], t1[key], atol=1e-6, rtol=1e-4, msg=key)
+        s1, s2 = (json.loads((d / "trainer.json").read_text()) for d in (ours, theirs))
+        assert s1["optimizer"] == s2["optimizer"] and s2["world_size"] == 2
+
+
+def test_fsdp_final_model_loads(fsdp_run: Path) -> None:
+    model = load_model(fsdp_run / "final")
+    assert model.config.n_layer == 2 and model.num_parameters() == 36_736
+    assert (fsdp_run / "final" / "vocab.json").is_file()
+    with torch.no_grad():
+        logits = model(torch.tensor([[72, 101, 108, 108, 111]])).logits
+    assert logits.shape == (1, 5, 257) and torch.isfinite(logits).all()
+    # the last checkpoint holds the same weights as the final model
+    final = load_file(fsdp_run / "final" / "model.safetensors")
+    last = load_file(fsdp_run / "ckpt-000006" / "model.safetensors")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+
+
+def test_fsdp_resume_is_bit_identical(fsdp_run: Path, tmp_path: Path) -> None:
+    # The state of the FSDP run just after its step-3 checkpoint: drop what came later.
+    part = tmp_path / "part"
+    shutil.copytree(fsdp_run, part)
+    shutil.rmtree(part / "ckpt-000006")
+    shutil.rmtree(part / "final")
+    proc = torchrun("train", "--resume", str(part), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {part / 'ckpt-000003'} (step 3)" in proc.stderr
+    full = (fsdp_run / "final" / "model.safetensors").read_bytes()
+    assert (part / "final" / "model.safetensors").read_bytes() == full
+    ref, _ = read_metrics(fsdp_run)
+    got, _ = read_metrics(part)
+    assert [(r["step"], r["loss"]) for r in got] == [(r["step"], r["loss"]) for r in ref]
+
+
+def test_fsdp_nonfinite_loss_stops_every_rank(data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    settings = {"max_steps": 4, "lr": 1e30, "warmup_steps": 0, "grad_clip": 0.0, "ckpt_interval": 1}
+    proc = torchrun(*tiny_args(data_dir, run, parallel="fsdp", grad_accum=2, **settings))
+    assert proc.returncode != 0
+    last = latest_checkpoint(run)
+    assert last is not None and not (run / "final").exists()
+    # both ranks stop at the same step and name the checkpoint rank 0 wrote
+    assert proc.stderr.count(f"the last good checkpoint is {last.path}: resume with") == 2, proc.stderr[
+        -3000:
+    ]
+    assert proc.stderr.count(f"at step {last.step};") == 2
+
+
+def test_fsdp_bf16_computes_in_bf16_and_keeps_float32_state(
+    data_dir: Path, fsdp_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    proc = torchrun(*tiny_args(data_dir, run, parallel="fsdp", dtype="bfloat16", **SETTINGS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(bf16 compute, float32 reduction)" in proc.stderr
+    bf16 = [r["loss"] for r in read_metrics(run)[0]]
+    fp32 = [r["loss"] for r in read_metrics(fsdp_run)[0]]
+    np.testing.assert_allclose(bf16, fp32, rtol=1e-3, atol=0)
+    assert bf16 != fp32  # the forward really ran in bf16
+    # the sharded master weights and AdamW moments stay float32
+    assert {t.dtype for t in load_file(run / "final" / "model.safetensors").values()} == {torch.float32}
+    trainer = load_file(run / "ckpt-000006" / "trainer.safetensors")
+    assert {t.dtype for k, t in trainer.items() if k.startswith("optim.")} == {torch.float32}
