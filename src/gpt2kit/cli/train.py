@@ -14,6 +14,7 @@ EXAMPLE = """examples:
   gpt2kit train --resume runs/shk                          # continue after a crash or Ctrl-C
   gpt2kit train --resume runs/shk --set max_steps=4000     # train longer
   torchrun --nproc_per_node 2 -m gpt2kit train --data data/shakespeare --out runs/ddp --set grad_accum=2
+  torchrun --nproc_per_node 8 -m gpt2kit train --data data/owt --out runs/xl --set parallel=fsdp --set init_from=scratch:gpt2-xl
 
 keys (--set key=value, or in the TOML file): see docs/training.md; e.g. n_layer n_head n_embd
 block_size dropout batch_size grad_accum max_steps lr min_lr warmup_steps weight_decay grad_clip
