@@ -108,10 +108,9 @@ class CausalSelfAttention(nn.Module):
                 att = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
                 y = (att @ v_cache).transpose(1, 2).reshape(B, T, C)
                 return self.resid_dropout(self.c_proj(y))
-            else:
-                k_cache[:, :, start : start + T] = k
-                v_cache[:, :, start : start + T] = v
-                k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, nh, L, hs)
+            k_cache[:, :, start : start + T] = k
+            v_cache[:, :, start : start + T] = v
+            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, nh, L, hs)
         y = F.scaled_dot_product_attention(
             q,
             k,
