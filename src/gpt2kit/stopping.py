@@ -64,14 +64,15 @@ class TextStream:
         elif final:
             out, self._pending = text, ""
         else:
-            keep = _held_back(text, self.stop)
+            keep = held_back(text, self.stop)
             out, self._pending = text[: len(text) - keep], text[len(text) - keep :]
         self.text += out
         return out
 
 
-def _held_back(text: str, stop: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+def held_back(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string
+    (text that must wait: the next piece may complete the stop string)."""
     best = 0
     for s in stop:
         for n in range(min(len(s) - 1, len(text)), best, -1):

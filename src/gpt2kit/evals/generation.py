@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gpt2kit.evals.stats import mean_stderr
+from gpt2kit.evals.stats import with_stderr
 from gpt2kit.evals.tasks import Task, fewshot_prefix
 from gpt2kit.generate import generate
 from gpt2kit.model import GPT2
@@ -98,15 +98,7 @@ def evaluate_generation(
                 "contains": hit_contains,
             }
         )
-    em_mean, em_stderr = mean_stderr(em)
-    contains_mean, contains_stderr = mean_stderr(contains)
-    metrics = {
-        "exact_match": em_mean,
-        "exact_match_stderr": em_stderr,
-        "contains": contains_mean,
-        "contains_stderr": contains_stderr,
-        "n_items": len(items),
-    }
+    metrics = {**with_stderr(exact_match=em, contains=contains), "n_items": len(items)}
     return {"metrics": metrics, "items": items}
 
 

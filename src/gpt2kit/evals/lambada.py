@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gpt2kit.evals.scoring import score_continuations
-from gpt2kit.evals.stats import mean_stderr
+from gpt2kit.evals.stats import with_stderr
 from gpt2kit.evals.tasks import Task, fewshot_prefix
 from gpt2kit.model import GPT2
 from gpt2kit.tokenizer import Tokenizer
@@ -41,12 +41,10 @@ def evaluate_lambada(
         requests.append((context, target))
     scores = score_continuations(model, requests, batch_size=batch_size, progress=progress)
     correct = [float(s.greedy) for s in scores]
-    acc, acc_stderr = mean_stderr(correct)
     word_nll = [-s.logprob for s in scores]
     n_target_tokens = sum(s.n_tokens for s in scores)
     metrics = {
-        "acc": acc,
-        "acc_stderr": acc_stderr,
+        **with_stderr(acc=correct),
         "perplexity": math.exp(sum(word_nll) / len(word_nll)),
         "token_perplexity": math.exp(sum(word_nll) / n_target_tokens),
         "n_items": len(scores),

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gpt2kit.evals.scoring import score_choices
-from gpt2kit.evals.stats import mean_stderr
+from gpt2kit.evals.stats import with_stderr
 from gpt2kit.evals.tasks import Task, fewshot_prefix
 from gpt2kit.model import GPT2
 from gpt2kit.tokenizer import Tokenizer
@@ -57,13 +57,8 @@ def evaluate_multiple_choice(
                 "logprobs": logprobs,
             }
         )
-    acc, acc_stderr = mean_stderr(hits)
-    acc_norm, acc_norm_stderr = mean_stderr(hits_norm)
     metrics = {
-        "acc": acc,
-        "acc_stderr": acc_stderr,
-        "acc_norm": acc_norm,
-        "acc_norm_stderr": acc_norm_stderr,
+        **with_stderr(acc=hits, acc_norm=hits_norm),
         "n_items": len(items),
         "n_options": sum(len(o) for o in options),
     }

@@ -20,3 +20,15 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
         return mean, 0.0
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+def with_stderr(**scores: Sequence[float]) -> dict[str, float]:
+    """`{name: mean, name_stderr: its standard error}` for each per-item score list, in order.
+
+    >>> with_stderr(acc=[1.0, 0.0])
+    {'acc': 0.5, 'acc_stderr': 0.5}
+    """
+    out: dict[str, float] = {}
+    for name, values in scores.items():
+        out[name], out[f"{name}_stderr"] = mean_stderr(values)
+    return out

@@ -26,6 +26,7 @@ from gpt2kit.server.protocol import (
     CompletionResponse,
     Usage,
 )
+from gpt2kit.stopping import held_back
 from gpt2kit.tokenizer import Tokenizer
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -214,7 +215,7 @@ class ChoiceText:
         full = self.full_text()
         end = len(full)
         if not self.done:
-            end -= _stop_prefix_len(self.text, self.stops)
+            end -= held_back(self.text, self.stops)
         piece = full[self.sent : max(end, self.sent)]
         self.sent = max(end, self.sent)
         lp = None
@@ -241,17 +242,6 @@ class ChoiceText:
             top_logprobs=[lp.top_logprobs[i] for i in keep],
             text_offset=[lp.text_offset[i] for i in keep],
         )
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest end of `text` that is the beginning of some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
 
 
 class Completion:
