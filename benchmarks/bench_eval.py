@@ -19,25 +19,14 @@ is reported (the methods take turns in each round), because the machine is share
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
+from bench_generate import cpu_name  # the sibling script (python puts this folder on sys.path)
 from gpt2kit import GPT2, GPT2Config, Tokenizer
 from gpt2kit.evals.scoring import score_choices
 from gpt2kit.evals.tasks import fewshot_prefix, load_task
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def build_items(n_items: int, shots: int) -> tuple[list[list[int]], list[list[list[int]]]]:
