@@ -112,6 +112,8 @@ class CompiledDecoder:
         # Autotuning prints a table per matrix shape on stderr; keep it for --verbose only.
         quiet = contextlib.redirect_stderr(io.StringIO()) if first else contextlib.nullcontext()
         try:
+            # Patched on every call (~70 us), not only the first: a recompile dynamo starts
+            # later (a guard that failed) must freeze and autotune too, or it runs slow.
             with torch._inductor.config.patch(self.options), quiet as err:
                 logits = self.graph(idx, position_ids, write_pos, attn_mask, cache.k, cache.v)
         except Exception as e:
