@@ -68,3 +68,4 @@ def test_cli_generate_task(tiny_hf_dir, tmp_path, capsys, task_name):
     doc = json.loads(out.read_text())
     assert doc["task"]["n_items"] == 4 and len(doc["items"]) == 4
     assert doc["settings"]["shots"] == 1 and doc["settings"]["temperature"] == 0.0
+    assert {k: doc[k] for k in doc["metrics"]} == doc["metrics"]  # every metric at the top level too

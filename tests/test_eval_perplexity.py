@@ -82,11 +82,78 @@ def test_windows_score_every_token_exactly_once(n, stride):
     assert scored == list(range(1, n))
 
 
-def test_stride_must_leave_context(tiny_hf_dir, gpt2_tokenizer):
+def test_stride_must_fit_the_context(tiny_hf_dir, gpt2_tokenizer):
     model = load_model(tiny_hf_dir)
-    for stride in (0, 128, 500):
-        with pytest.raises(ConfigError, match="--stride"):
+    for stride in (0, 129, 500):
+        with pytest.raises(ConfigError, match=r"--stride must be in \[1, 128\]"):
             evaluate_perplexity(model, gpt2_tokenizer, TEXT, stride=stride)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 64, 65, 66, 129, 200, 257])
+def test_stride_equal_to_context_gives_disjoint_blocks(n):
+    """Every target block [p, p + 64) is fed [p - 1, p + 63): 64 inputs at most, each token scored once."""
+    spans = windows(n, context=64, stride=64)
+    scored = []
+    for begin, prev_end, end in spans:
+        assert prev_end == begin + 1 and end - 1 - begin <= 64
+        scored += range(prev_end, end)
+    assert scored == list(range(1, n))
+    assert len(spans) == math.ceil((n - 1) / 64)
+
+
+def lm_eval_rolling_nll(hf, ids: list[int], *, context: int) -> tuple[float, int]:
+    """Disjoint blocks of `context` targets, each fed the token before it: (total NLL, tokens scored)."""
+    nll, n_scored = 0.0, 0
+    for p in range(1, len(ids), context):
+        targets = ids[p : p + context]
+        inputs = ids[p - 1 : p - 1 + len(targets)]
+        with torch.no_grad():
+            logprobs = hf(torch.tensor([inputs])).logits[0].log_softmax(-1)
+        nll -= sum(float(logprobs[k, t]) for k, t in enumerate(targets))
+        n_scored += len(targets)
+    return nll, n_scored
+
+
+def test_stride_equal_to_context_equals_lm_eval_rolling_windows(tiny_hf_dir, gpt2_tokenizer):
+    import transformers
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    ids = [gpt2_tokenizer.eot_token, *gpt2_tokenizer.encode_ordinary(TEXT)]
+    assert (len(ids) - 1) % 128 != 0  # a short last block too
+    ref_nll, ref_n = lm_eval_rolling_nll(hf, ids, context=128)
+    assert ref_n == len(ids) - 1
+
+    result = evaluate_perplexity(load_model(tiny_hf_dir), gpt2_tokenizer, TEXT, stride=128, batch_size=2)
+    assert result["n_tokens"] == len(ids) - 1
+    assert result["n_windows"] == math.ceil((len(ids) - 1) / 128)
+    assert result["total_nll_nats"] == pytest.approx(ref_nll, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(ref_nll / ref_n), rel=1e-5)
+    # Not the overlapping windows' number: the blocks really are scored differently.
+    overlapping = evaluate_perplexity(load_model(tiny_hf_dir), gpt2_tokenizer, TEXT, stride=127)
+    assert overlapping["total_nll_nats"] != pytest.approx(ref_nll, rel=1e-5)
+
+
+def test_cli_stride_equal_to_context_runs_and_above_it_exits_2(tiny_hf_dir, gpt2_tokenizer, tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(tiny_hf_dir), "--task", "perplexity", "--data", str(data)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--stride", "128", "--output", str(out)])
+    assert exit_info.value.code == 0
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["stride"] == 128
+    assert doc["n_tokens"] == len(gpt2_tokenizer.encode_ordinary(TEXT))
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--stride", "129"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "gpt2kit eval: error: --stride must be in [1, 128] (at most the model's context of 128; "
+        "128 = disjoint windows), got 129; pass a stride in that range"
+    ]
 
 
 def test_cli_writes_results_json(tiny_hf_dir, gpt2_tokenizer, tmp_path, capsys):
@@ -107,3 +174,40 @@ def test_cli_writes_results_json(tiny_hf_dir, gpt2_tokenizer, tmp_path, capsys):
 
     assert doc["task"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     assert doc["model"]["n_params"] > 0 and doc["gpt2kit_version"]
+
+
+def test_cli_json_has_the_metrics_at_the_top_level(tiny_hf_dir, tmp_path):
+    """`doc["perplexity"]` works, and `metrics` is still there; the output's folder is created."""
+    data = tmp_path / "text.txt"
+    data.write_text("A short text to score. " * 5, encoding="utf-8")
+    out = tmp_path / "new" / "folder" / "results.json"
+    argv = ["eval", "--model", str(tiny_hf_dir), "--task", "perplexity", "--data", str(data)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--output", str(out)])
+    assert exit_info.value.code == 0
+    with open(out) as f:
+        doc = json.load(f)
+    assert doc["perplexity"] == doc["metrics"]["perplexity"] and doc["perplexity"] > 1
+    assert doc["bits_per_byte"] == doc["metrics"]["bits_per_byte"] and doc["bits_per_byte"] > 0
+    assert {k: doc[k] for k in doc["metrics"]} == doc["metrics"]
+    assert list(doc)[:3] == ["task", "metrics", "perplexity"]
+
+
+@pytest.mark.parametrize("bom", [False, True])
+def test_cli_crlf_text_is_scored_byte_for_byte(tiny_hf_dir, gpt2_tokenizer, tmp_path, bom):
+    """No newline conversion: n_bytes is the file's size (less a leading BOM, which is not text)."""
+    text = "Hello world.\r\nSecond line\r\n"
+    raw = text.encode("utf-8")
+    data = tmp_path / "crlf.txt"
+    data.write_bytes((b"\xef\xbb\xbf" if bom else b"") + raw)
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(tiny_hf_dir), "--task", "perplexity", "--data", str(data)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--output", str(out)])
+    assert exit_info.value.code == 0
+    doc = json.loads(out.read_text())
+    assert doc["n_bytes"] == len(raw) == data.stat().st_size - 3 * bom
+    assert doc["n_chars"] == len(text)
+    expected = evaluate_perplexity(load_model(tiny_hf_dir), gpt2_tokenizer, text)
+    assert doc["n_tokens"] == expected["n_tokens"] == len(gpt2_tokenizer.encode_ordinary(text))
+    assert doc["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)

@@ -8,7 +8,7 @@ import pytest
 
 from gpt2kit.cli import main
 from gpt2kit.errors import DataError
-from gpt2kit.evals.tasks import builtin_task_dir, fewshot_prefix, load_task
+from gpt2kit.evals.tasks import builtin_task_dir, check_shots, fewshot_prefix, load_task
 
 
 def write_jsonl(path, rows):
@@ -195,3 +195,64 @@ def test_cli_bad_task_file_exits_2_with_one_line(tmp_path, tiny_hf_dir, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("gpt2kit eval: error: ") and "bad.jsonl:1:" in err[0] and '"label"' in err[0]
+
+
+ONE_ITEM = {
+    "lambada": {"context": "a", "target": "c"},
+    "multiple-choice": {"context": "a", "choices": ["b", "c"], "label": 1},
+    "generate": {"prompt": "a", "answer": "c"},
+}
+
+
+@pytest.mark.parametrize("kind", ["lambada", "multiple-choice", "generate"])
+def test_a_byte_order_mark_is_skipped(tmp_path, kind):
+    """A JSONL file saved with a BOM (Windows editors) still reads as JSON, not as LAMBADA text."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ONE_ITEM[kind]).encode("utf-8") + b"\r\n")
+    (item,) = load_task(path, kind=kind).items
+    assert item.context == "a" and item.answer == "c" and item.line == 1
+
+
+@pytest.mark.parametrize("kind", ["lambada", "multiple-choice", "generate"])
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_file_asks_for_json_lines(tmp_path, kind, indent):
+    path = tmp_path / "array.json"
+    path.write_text("\n" + json.dumps([ONE_ITEM[kind]] * 2, indent=indent) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_task(path, kind=kind)
+    message = str(info.value)
+    assert message.startswith(f"{path}:2: expected a JSON object per line, found a JSON array")
+    assert "convert the file to JSON Lines, one object per line" in message and "\n" not in message
+
+
+def test_lambada_text_may_start_with_a_bracket(tmp_path):
+    """Only a real JSON array is refused: a plain-text passage starting with "[" still loads."""
+    path = tmp_path / "lambada.txt"
+    path.write_text("[Chapter one] he opened the door\n", encoding="utf-8")
+    (item,) = load_task(path, kind="lambada").items
+    assert (item.context, item.targets) == ("[Chapter one] he opened the", ("door",))
+
+
+def test_check_shots_needs_enough_examples_for_every_item(tmp_path):
+    rows = [
+        {"prompt": "1 =", "answer": "1", "split": "train"},
+        {"prompt": "2 =", "answer": "2", "split": "train"},
+        {"prompt": "3 =", "answer": "3"},
+        {"prompt": "1 =", "answer": "1"},  # equal to a pool item: that one is never its example
+    ]
+    task = load_task(write_jsonl(tmp_path / "t.jsonl", rows), kind="generate")
+    check_shots(task, 0)
+    check_shots(task.limit(1), 2)
+    with pytest.raises(DataError, match=r"t.jsonl: --shots 2 needs 2 example items but the pool has 1;"):
+        check_shots(task, 2)
+    with pytest.raises(DataError, match="--shots must be >= 0"):
+        check_shots(task, -1)
+
+
+def test_a_line_separator_inside_a_json_string_stays_in_its_item(tmp_path):
+    # json.dumps(..., ensure_ascii=False) writes U+2028 raw; only "\n" ends a JSON Lines record.
+    path = tmp_path / "mc.jsonl"
+    rows = [{"context": "Pick\u2028one:", "choices": ["a\u2029b", "c"], "label": 0}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    task = load_task(path, kind="multiple-choice")
+    assert [(it.context, it.choices, it.line) for it in task.items] == [("Pick\u2028one:", ("a\u2029b", "c"), 1)]

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # only for annotations: `gpt2kit --help` must not import torch
+    from gpt2kit.evals.tasks import Task
+    from gpt2kit.model import GPT2
+    from gpt2kit.tokenizer import Tokenizer
 
 TASKS = ("perplexity", "lambada", "multiple-choice", "generate")
 
@@ -43,15 +49,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", default=None, help="write the results JSON here; None = table only")
     p.add_argument(
-        "--stride", type=int, default=None, help="perplexity window stride; None = half the context"
+        "--stride",
+        type=int,
+        default=None,
+        help="perplexity: window stride S, 1..context C; S < C overlaps windows (Hugging Face's sliding "
+        "window), S = C scores disjoint blocks of C tokens (lm-eval-harness's rolling windows); "
+        "None = C/2",
     )
-    p.add_argument("--shots", type=int, default=0, help="few-shot examples in each prompt")
-    p.add_argument("--fewshot-data", default=None, help="draw few-shot examples from this file instead")
     p.add_argument(
-        "--description", default=None, help="task description before the examples (overrides the file's)"
+        "--shots", type=int, default=None, help="few-shot examples in each prompt (JSONL tasks); None = 0"
+    )
+    p.add_argument(
+        "--fewshot-data", default=None, help="draw few-shot examples from this file instead (JSONL tasks)"
+    )
+    p.add_argument(
+        "--description",
+        default=None,
+        help="task description before the examples, overriding the file's (JSONL tasks)",
     )
     p.add_argument("--seed", type=int, default=1234, help="seed for drawing few-shot examples (and sampling)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (JSONL tasks)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generate: tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="generate: 0 = greedy")
@@ -65,58 +82,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import dataclasses
-    import sys
-    from pathlib import Path
+# Flags that only mean something for the task kinds read from JSON Lines files.
+JSONL_ONLY = (
+    ("--shots", "shots"),
+    ("--limit", "limit"),
+    ("--fewshot-data", "fewshot_data"),
+    ("--description", "description"),
+)
 
-    from tqdm import tqdm
+
+def run(args: argparse.Namespace) -> int:
+    import contextlib
+    import sys
 
     from gpt2kit.checkpoint import load_model, load_tokenizer
     from gpt2kit.cli.generate import pick_device, pick_dtype
-    from gpt2kit.errors import ConfigError, DataError
     from gpt2kit.evals import report
-    from gpt2kit.evals.tasks import file_sha256, load_task, resolve_data_path
-    from gpt2kit.sampling import check_sampling
 
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--shots", args.shots, 0)):
-        if value < low:
-            raise ConfigError(f"{flag} must be >= {low}, got {value}")
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    check_sampling(temperature=args.temperature)
+    # Everything the flags and the data file alone can tell is checked before the model
+    # loads (which can take minutes), so a typo costs nothing.
+    check_flags(args)
+    check_output(args.output)
     if args.task == "perplexity":
-        data = resolve_data_path(args.data)
-        try:
-            text = data.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{data}: not UTF-8 text ({e}); re-save it as UTF-8") from None
-        if not text:
-            raise DataError(f"{data}: the file is empty; perplexity needs some text")
-        task_info = {"path": str(data), "sha256": file_sha256(data)}
-        total = None
+        data, task_info = read_perplexity_text(args.data)
     else:
-        task = load_task(args.data, kind=args.task, fewshot_path=args.fewshot_data).limit(args.limit)
-        if args.description is not None:
-            task = dataclasses.replace(task, description=args.description)
-        task_info = {
-            "name": task.name,
-            "path": str(task.path),
-            "sha256": task.sha256,
-            "fewshot_path": str(task.fewshot_path) if task.fewshot_path else None,
-            "fewshot_sha256": task.fewshot_sha256,
-            "description": task.description,
-            "n_items": len(task.items),
-            "n_pool": len(task.pool),
-        }
-        total = len(task.items)
+        data, task_info = read_task(args)
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model = load_model(args.model, device=device, dtype=dtype)
     tokenizer = load_tokenizer(args.model)
     settings = {
-        "shots": args.shots if args.task != "perplexity" else None,
+        "shots": None if args.task == "perplexity" else args.shots or 0,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "limit": args.limit,
@@ -124,58 +121,19 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(dtype).removeprefix("torch."),
     }
     t0 = time.perf_counter()
-    unit = "window" if args.task == "perplexity" else "item"
-    with tqdm(total=total, unit=unit, desc=args.task, file=sys.stderr, dynamic_ncols=True) as bar:
-        if args.task == "perplexity":
-            from gpt2kit.evals.perplexity import evaluate_perplexity, windows
-
-            stride = args.stride if args.stride is not None else model.config.n_positions // 2
-            n_ids = len(tokenizer.encode_ordinary(text)) + 1
-            bar.total = (
-                len(windows(n_ids, context=model.config.n_positions, stride=stride)) if n_ids else None
-            )
-            metrics = evaluate_perplexity(
-                model, tokenizer, text, stride=stride, batch_size=args.batch_size, progress=bar.update
-            )
-            result = {"metrics": metrics, "items": []}
-            settings["stride"] = stride
-        else:
-            # The task-file kinds share their options; `generate` adds its decoding ones.
-            common = {"shots": args.shots, "seed": args.seed, "batch_size": args.batch_size}
-            if args.task == "lambada":
-                from gpt2kit.evals.lambada import evaluate_lambada
-
-                result = evaluate_lambada(model, tokenizer, task, **common, progress=bar.update)
-            elif args.task == "multiple-choice":
-                from gpt2kit.evals.multiple_choice import evaluate_multiple_choice
-
-                result = evaluate_multiple_choice(model, tokenizer, task, **common, progress=bar.update)
-            else:
-                from gpt2kit.evals.generation import evaluate_generation
-
-                settings["max_new_tokens"] = args.max_new_tokens
-                settings["temperature"] = args.temperature
-                result = evaluate_generation(
-                    model,
-                    tokenizer,
-                    task,
-                    **common,
-                    max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature,
-                    progress=bar.update,
-                )
+    if args.task == "perplexity":
+        total, unit = perplexity_windows(model, tokenizer, data, args.stride), "window"
+    else:
+        total, unit = len(data.items), "item"
+    bar = LazyBar(total=total, unit=unit, desc=args.task, file=sys.stderr, dynamic_ncols=True)
+    with contextlib.closing(bar):
+        result = evaluate(args, model, tokenizer, data, settings, progress=bar)
     elapsed = time.perf_counter() - t0
-    model_info = {
-        "name_or_path": str(args.model),
-        "resolved_path": str(Path(args.model).resolve()) if Path(args.model).is_dir() else None,
-        "n_params": model.num_parameters(),
-        "config": model.config.to_hf_dict(),
-    }
     doc = report.results_document(
         kind=args.task,
         metrics=result["metrics"],
         items=result["items"],
-        model=model_info,
+        model=model_info(args.model, model),
         task=task_info,
         settings=settings,
         elapsed_s=elapsed,
@@ -185,3 +143,179 @@ def run(args: argparse.Namespace) -> int:
         report.write_results(args.output, doc)
         print(f"[results written to {args.output}]", file=sys.stderr)
     return 0
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Bounds of the numeric flags, and no flag the chosen task would silently ignore."""
+    from gpt2kit.errors import ConfigError
+    from gpt2kit.sampling import check_sampling
+
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--shots", args.shots, 0),
+        ("--max-new-tokens", args.max_new_tokens, 1),
+        ("--stride", args.stride, 1),
+    ):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    check_sampling(temperature=args.temperature)
+    if args.task == "perplexity":
+        given = [flag for flag, attr in JSONL_ONLY if getattr(args, attr) is not None]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: only for the JSONL task kinds (lambada, multiple-choice, generate), "
+                f"not --task perplexity; drop {'it' if len(given) == 1 else 'them'}"
+            )
+    elif args.stride is not None:
+        raise ConfigError(f"--stride: only for --task perplexity, not --task {args.task}; drop it")
+
+
+def check_output(output: str | None) -> None:
+    """Make sure `--output` can be written, creating its folder, before any work is done."""
+    import os
+    from pathlib import Path
+
+    from gpt2kit.errors import ConfigError
+
+    if output is None:
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise ConfigError(
+            f"--output {path}: is a directory; pass a file path such as {path / 'results.json'}"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"--output {path}: can't create its folder {path.parent} ({e.strerror}); "
+            "pass a path whose folder exists or can be created"
+        ) from None
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"--output {path}: the folder {path.parent} is not writable; pass another path")
+
+
+def read_perplexity_text(name: str) -> tuple[str, dict[str, str]]:
+    """The text to score, exactly as the file holds it, and the file's path and sha256."""
+    from gpt2kit.errors import DataError
+    from gpt2kit.evals.tasks import file_sha256, read_text, resolve_data_path
+
+    path = resolve_data_path(name)
+    text = read_text(path)
+    if not text:
+        raise DataError(f"{path}: the file is empty; perplexity needs some text")
+    return text, {"path": str(path), "sha256": file_sha256(path)}
+
+
+def read_task(args: argparse.Namespace) -> tuple[Task, dict[str, Any]]:
+    """The task file with --limit and --description applied, checked against --shots."""
+    import dataclasses
+
+    from gpt2kit.evals.tasks import check_shots, load_task
+
+    task = load_task(args.data, kind=args.task, fewshot_path=args.fewshot_data).limit(args.limit)
+    if args.description is not None:
+        task = dataclasses.replace(task, description=args.description)
+    check_shots(task, args.shots or 0)
+    info = {
+        "name": task.name,
+        "path": str(task.path),
+        "sha256": task.sha256,
+        "fewshot_path": str(task.fewshot_path) if task.fewshot_path else None,
+        "fewshot_sha256": task.fewshot_sha256,
+        "description": task.description,
+        "n_items": len(task.items),
+        "n_pool": len(task.pool),
+    }
+    return task, info
+
+
+def perplexity_windows(model: GPT2, tokenizer: Tokenizer, text: str, stride: int | None) -> int:
+    """How many windows the text takes; raises for a stride above the model's context."""
+    from gpt2kit.evals.perplexity import windows
+
+    context = model.config.n_positions
+    n_ids = len(tokenizer.encode_ordinary(text)) + 1
+    return len(windows(n_ids, context=context, stride=context // 2 if stride is None else stride))
+
+
+def evaluate(
+    args: argparse.Namespace,
+    model: GPT2,
+    tokenizer: Tokenizer,
+    data: Any,
+    settings: dict[str, Any],
+    *,
+    progress: LazyBar,
+) -> dict[str, Any]:
+    """Run the task kind's evaluator; records the settings it used in `settings`."""
+    if args.task == "perplexity":
+        from gpt2kit.evals.perplexity import evaluate_perplexity
+
+        result = evaluate_perplexity(
+            model, tokenizer, data, stride=args.stride, batch_size=args.batch_size, progress=progress
+        )
+        settings["stride"] = result["stride"]
+        return {"metrics": result, "items": []}
+    # The task-file kinds share their options; `generate` adds its decoding ones.
+    common = {
+        "shots": args.shots or 0,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "progress": progress,
+    }
+    if args.task == "lambada":
+        from gpt2kit.evals.lambada import evaluate_lambada
+
+        return evaluate_lambada(model, tokenizer, data, **common)
+    if args.task == "multiple-choice":
+        from gpt2kit.evals.multiple_choice import evaluate_multiple_choice
+
+        return evaluate_multiple_choice(model, tokenizer, data, **common)
+    from gpt2kit.evals.generation import evaluate_generation
+
+    settings["max_new_tokens"] = args.max_new_tokens
+    settings["temperature"] = args.temperature
+    return evaluate_generation(
+        model,
+        tokenizer,
+        data,
+        **common,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+    )
+
+
+def model_info(name: str, model: GPT2) -> dict[str, Any]:
+    """What the results record about the model: where it came from, its size and config."""
+    from pathlib import Path
+
+    return {
+        "name_or_path": str(name),
+        "resolved_path": str(Path(name).resolve()) if Path(name).is_dir() else None,
+        "n_params": model.num_parameters(),
+        "config": model.config.to_hf_dict(),
+    }
+
+
+class LazyBar:
+    """A tqdm bar opened on the first `progress` call, not before.
+
+    Evaluators call `progress(0)` once their prompts are built and checked, so an error in
+    a task item prints as one line, with no half-drawn bar in front of it.
+    """
+
+    def __init__(self, **tqdm_kwargs: Any) -> None:
+        self._kwargs = tqdm_kwargs
+        self._bar: Any = None
+
+    def __call__(self, n: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(**self._kwargs)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -45,7 +45,10 @@ def evaluate_generation(
     temperature: float = 0.0,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """`exact_match` and `contains` over the task's items, with every prediction."""
+    """`exact_match` and `contains` over the task's items, with every prediction.
+
+    `progress(0)` is called once the prompts are built, then `progress(n)` as n items finish.
+    """
     n_ctx = model.config.n_positions
     max_new_tokens = min(max_new_tokens, n_ctx - 1)
     prompts = []
@@ -59,6 +62,8 @@ def evaluate_generation(
     eos = newline[0] if len(newline) == 1 else None
     predictions: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    if progress is not None:
+        progress(0)  # every prompt is built: decoding starts
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         T = max(len(prompts[i]) for i in rows)

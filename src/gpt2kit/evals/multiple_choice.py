@@ -1,8 +1,9 @@
 """Multiple choice (HellaSwag / CBT style): the option with the highest log-likelihood wins.
 
 `acc` compares the summed log-probabilities of the options' tokens; `acc_norm` divides
-each by the option's length in UTF-8 bytes first (lm-eval-harness's length normalisation,
-which keeps long options from losing just for having more tokens). Options of many items
+each by the option's length in characters first: `len(choice)` of the choice text as the
+task gives it, without the delimiter that joins it to the context (lm-eval-harness's
+`acc_norm`, which keeps long options from losing just for having more tokens). Options of many items
 are scored in one padded batch on top of one shared pass over each item's context.
 
 >>> result = evaluate_multiple_choice(model, tokenizer, task)  # doctest: +SKIP
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gpt2kit.evals.scoring import score_choices
+from gpt2kit.evals.scoring import check_fits, score_choices
 from gpt2kit.evals.stats import with_stderr
 from gpt2kit.evals.tasks import Task, fewshot_prefix
 from gpt2kit.model import GPT2
@@ -32,18 +33,20 @@ def evaluate_multiple_choice(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """`acc` and `acc_norm` over the task's items; every option's log-likelihood per item."""
-    contexts, options, texts = [], [], []
+    contexts, options = [], []
     for item in task.items:
         prefix = fewshot_prefix(task, item, shots=shots, seed=seed)
         contexts.append(tokenizer.encode_ordinary(prefix + item.context))
-        conts = [task.target_delimiter + c for c in item.choices]
-        texts.append(conts)
-        options.append([tokenizer.encode_ordinary(c) for c in conts])
+        tokens = [tokenizer.encode_ordinary(task.target_delimiter + c) for c in item.choices]
+        for j, t in enumerate(tokens):
+            check_fits(f"{task.path}:{item.line}", f"choice {j}", len(t), model.config.n_positions)
+        options.append(tokens)
     scores = score_choices(model, contexts, options, batch_size=batch_size, progress=progress)
     items, hits, hits_norm = [], [], []
-    for item, conts, item_scores in zip(task.items, texts, scores, strict=True):
+    for item, item_scores in zip(task.items, scores, strict=True):
         logprobs = [s.logprob for s in item_scores]
-        normed = [lp / len(c.encode("utf-8")) for lp, c in zip(logprobs, conts, strict=True)]
+        # Characters of the choice itself, not the delimiter: lm-eval's len(choice).
+        normed = [lp / len(c) for lp, c in zip(logprobs, item.choices, strict=True)]
         pred = max(range(len(logprobs)), key=logprobs.__getitem__)
         pred_norm = max(range(len(normed)), key=normed.__getitem__)
         hits.append(float(pred == item.label))

@@ -1,11 +1,15 @@
 """Perplexity and bits per byte of a text, with a sliding window (the paper's WikiText/PTB/enwik8 numbers).
 
 The text is prefixed with <|endoftext|> and every text token is predicted exactly once.
-Windows of the model's context start at 0, S, 2S, ... (S the stride); each scores only its
-last `end - prev_end` tokens, the ones the previous window didn't, so each token is scored
-with the longest left context its window gives (the method of Hugging Face's perplexity
-guide). A window runs as one context pass plus the scored tokens on top of it
-(`scoring.score_continuations`), so no logits are computed for unscored positions.
+With a stride S below the context C, windows of C tokens start at 0, S, 2S, ...; each
+scores only its last `end - prev_end` tokens, the ones the previous window didn't, so
+each token is scored with the longest left context its window gives (the method of
+Hugging Face's perplexity guide). S == C means lm-eval-harness's disjoint rolling
+windows: the text tokens are cut into consecutive blocks of C, and each block is scored
+from the token just before it plus the block minus its last token (C inputs, C
+predictions; the first block's input starts with <|endoftext|>). A window runs as one
+context pass plus the scored tokens on top of it (`scoring.score_continuations`), so no
+logits are computed for unscored positions.
 
 >>> result = evaluate_perplexity(model, tokenizer, "Some text.", stride=512)  # doctest: +SKIP
 >>> result["perplexity"], result["bits_per_byte"]  # doctest: +SKIP
@@ -19,6 +23,7 @@ from typing import Any
 
 from gpt2kit.errors import ConfigError, DataError
 from gpt2kit.evals.scoring import score_continuations
+from gpt2kit.evals.stats import exp_nll
 from gpt2kit.model import GPT2
 from gpt2kit.tokenizer import Tokenizer
 
@@ -27,15 +32,21 @@ def windows(n_tokens: int, *, context: int, stride: int) -> list[tuple[int, int,
     """(begin, prev_end, end) of each window over a sequence of `n_tokens` (EOT included).
 
     Window k feeds tokens [begin, end - 1) and scores positions [max(prev_end, 1), end).
+    A stride below `context` overlaps the windows; `stride == context` gives disjoint blocks
+    of `context` scored tokens, each fed from the token before it.
 
     >>> windows(10, context=4, stride=2)
     [(0, 0, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
+    >>> windows(10, context=4, stride=4)
+    [(0, 1, 5), (4, 5, 9), (8, 9, 10)]
     """
-    if not 1 <= stride < context:
+    if not 1 <= stride <= context:
         raise ConfigError(
-            f"--stride must be in [1, {context - 1}] (below the context of {context}, so every "
-            f"token keeps some left context), got {stride}"
+            f"--stride must be in [1, {context}] (at most the model's context of {context}; "
+            f"{context} = disjoint windows), got {stride}; pass a stride in that range"
         )
+    if stride == context:
+        return _disjoint_windows(n_tokens, context=context)
     out = []
     prev_end = 0
     for begin in range(0, n_tokens, stride):
@@ -45,6 +56,16 @@ def windows(n_tokens: int, *, context: int, stride: int) -> list[tuple[int, int,
         if end == n_tokens:
             break
     return out
+
+
+def _disjoint_windows(n_tokens: int, *, context: int) -> list[tuple[int, int, int]]:
+    """lm-eval-harness's rolling windows: targets [p, p + context) are fed inputs [p - 1, p + context - 1).
+
+    The overlapping loop can't take stride == context: each window's first token would be
+    fed but never predicted. Feeding the token before each block instead predicts every
+    one of them, with `context` inputs per window.
+    """
+    return [(p - 1, p, min(p + context, n_tokens)) for p in range(1, n_tokens, context)]
 
 
 def evaluate_perplexity(
@@ -59,6 +80,7 @@ def evaluate_perplexity(
     """Token perplexity and bits per byte of `text`; `stride` defaults to half the context.
 
     `<|endoftext|>` inside the text is ordinary text here (it is counted in the bytes).
+    `perplexity` is inf when the mean NLL is too large for exp() (above ~709 nats).
     `progress(n)` is called as n windows finish.
     """
     if not text:
@@ -77,7 +99,7 @@ def evaluate_perplexity(
     nll = -sum(s.logprob for s in scores)
     n_bytes = len(text.encode("utf-8"))
     return {
-        "perplexity": math.exp(nll / n_tokens),
+        "perplexity": exp_nll(nll / n_tokens),
         "bits_per_byte": nll / math.log(2) / n_bytes,
         "nll_per_token": nll / n_tokens,
         "total_nll_nats": nll,

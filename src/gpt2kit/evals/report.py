@@ -1,7 +1,10 @@
 """Results: a terminal table and a JSON document with every number, so runs compare later.
 
 The JSON holds the metrics, per-item details, the model (path, size, config), the task
-file and its sha256, the settings, the gpt2kit version and the time of the run.
+file and its sha256, the settings, the gpt2kit version and the time of the run. Every
+metric is also a top-level key (`doc["perplexity"]`, `doc["acc"]`), beside the same
+numbers under `metrics`. A perplexity too large for a float is written as `Infinity`
+(Python's json reads it back as inf; strict JSON parsers may not).
 
 >>> doc = results_document(kind="lambada", metrics={"acc": 0.5}, items=[], model={}, task={},
 ...                        settings={}, elapsed_s=1.0)
@@ -30,11 +33,15 @@ def results_document(
     settings: dict[str, Any],
     elapsed_s: float,
 ) -> dict[str, Any]:
+    """The results document; `metrics` are also copied to the top level, after `metrics`.
+
+    A metric named like one of the document's own keys (`task`, `items`, ...) stays only
+    under `metrics`; no metric gpt2kit computes has such a name.
+    """
     from gpt2kit import __version__
 
-    return {
-        "task": {"kind": kind, **task},
-        "metrics": metrics,
+    head = {"task": {"kind": kind, **task}, "metrics": metrics}
+    rest = {
         "model": model,
         "settings": settings,
         "gpt2kit_version": __version__,
@@ -42,6 +49,8 @@ def results_document(
         "elapsed_s": round(elapsed_s, 3),
         "items": items,
     }
+    flat = {k: v for k, v in metrics.items() if k not in head and k not in rest}
+    return {**head, **flat, **rest}
 
 
 def format_table(doc: dict[str, Any]) -> str:

@@ -40,6 +40,19 @@ class ContinuationScore:
     greedy: bool
 
 
+def check_fits(where: str, what: str, n_tokens: int, n_ctx: int) -> None:
+    """Reject a continuation longer than the model's context, naming its file:line (`where`).
+
+    `score_choices` can only name an item by its index; the evaluators know the task file,
+    so they call this first and the user learns which line to fix.
+    """
+    if n_tokens > n_ctx:
+        raise DataError(
+            f"{where}: {what} is {n_tokens} tokens, longer than the model's context of {n_ctx}; "
+            "shorten it or use a model with a longer context"
+        )
+
+
 def score_continuations(
     model: GPT2,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -75,7 +88,9 @@ def score_choices(
     `batch_size` bounds the continuations (rows) per forward pass (an item with more
     choices still runs whole, alone; logits memory stays bounded). An empty context is
     replaced by `bos_token_id` (<|endoftext|>), so the first token still has a prediction.
-    `progress(n)` is called as each batch of n contexts finishes.
+    `progress(0)` is called once every request has passed its checks and scoring starts
+    (a caller can open its progress bar then), and `progress(n)` as each batch of n
+    contexts finishes.
     """
     if len(contexts) != len(choices):
         raise ValueError(f"{len(contexts)} contexts but {len(choices)} lists of choices")
@@ -101,6 +116,8 @@ def score_choices(
         else:
             units += [(i, [j], ctx[max(0, len(ctx) - (n_ctx - len(c) + 1)) :]) for j, c in enumerate(conts)]
 
+    if progress is not None:
+        progress(0)
     # Longest contexts first: similar lengths share a batch, so little padding.
     order = sorted(range(len(units)), key=lambda u: -len(units[u][2]))
     results: list[list[ContinuationScore | None]] = [[None] * len(c) for c in choices]

@@ -1,4 +1,5 @@
-"""Mean and standard error of per-item scores, the two numbers every accuracy is reported with."""
+"""Mean and standard error of per-item scores (the two numbers every accuracy is reported with),
+and perplexity from a mean NLL."""
 
 from __future__ import annotations
 
@@ -32,3 +33,18 @@ def with_stderr(**scores: Sequence[float]) -> dict[str, float]:
     for name, values in scores.items():
         out[name], out[f"{name}_stderr"] = mean_stderr(values)
     return out
+
+
+def exp_nll(mean_nll: float) -> float:
+    """Perplexity from a mean NLL in nats: exp(mean_nll), or inf where that overflows a float.
+
+    A mean NLL above ~709.78 nats (a badly broken model) has no finite float perplexity;
+    inf says so instead of crashing the run after all the scoring is done.
+
+    >>> exp_nll(0.0), exp_nll(1000.0)
+    (1.0, inf)
+    """
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf

@@ -12,7 +12,8 @@ a context and its answer (default a space). Every other line is an item:
 
 An item may carry `"split": "train"`: those items are only drawn as few-shot examples and
 never scored. LAMBADA's plain-text release (one passage per line, the last word is the
-target) loads too.
+target) loads too. Files are UTF-8, a leading byte-order mark is skipped; a whole-file
+JSON array is rejected with a hint to convert it to JSON Lines.
 
 >>> task = load_task("lambada_sample.jsonl", kind="lambada")  # doctest: +SKIP
 >>> fewshot_prefix(task, task.items[0], shots=2, seed=1234)  # doctest: +SKIP
@@ -26,6 +27,7 @@ import hashlib
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -115,6 +117,20 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_text(path: Path) -> str:
+    """The file's exact text: UTF-8, a leading byte-order mark skipped, line ends kept as they are.
+
+    No newline conversion, so a CRLF file's text (and its byte count) is what the file holds.
+    """
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); re-save the file as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{path}: can't read ({e.strerror})") from None
+
+
 def load_task(path: str | Path, *, kind: str, fewshot_path: str | Path | None = None) -> Task:
     """Load a task file of `kind`; items marked `"split": "train"` form the few-shot pool.
 
@@ -154,6 +170,30 @@ def load_task(path: str | Path, *, kind: str, fewshot_path: str | Path | None = 
 # --- few-shot prompts -------------------------------------------------------------------
 
 
+def check_shots(task: Task, shots: int) -> None:
+    """Fail before any scoring if some item can't get `shots` examples from the pool.
+
+    An example equal to the query is never drawn, so an item's pool is the task's pool
+    minus its copies of that item; the smallest such pool must hold `shots` examples.
+    """
+    if shots < 0:
+        raise DataError(f"--shots must be >= 0, got {shots}")
+    if not shots or not task.items:
+        return
+    copies = Counter(ex.key() for ex in task.pool)
+    smallest = min(len(task.pool) - copies[item.key()] for item in task.items)
+    if smallest < shots:
+        raise DataError(_too_few_examples(task, shots, smallest))
+
+
+def _too_few_examples(task: Task, shots: int, available: int) -> str:
+    where = task.fewshot_path or task.path
+    return (
+        f"{where}: --shots {shots} needs {shots} example items but the pool has {available}; add items "
+        f'with "split": "train", pass --fewshot-data FILE or lower --shots'
+    )
+
+
 def fewshot_prefix(task: Task, item: Item, *, shots: int, seed: int) -> str:
     """The text before `item`'s context: description, then `shots` solved examples.
 
@@ -168,11 +208,7 @@ def fewshot_prefix(task: Task, item: Item, *, shots: int, seed: int) -> str:
         query = item.key()
         pool = [ex for ex in task.pool if ex.key() != query]
         if len(pool) < shots:
-            where = task.fewshot_path or task.path
-            raise DataError(
-                f"{where}: --shots {shots} needs {shots} example items but the pool has {len(pool)}; add items "
-                f'with "split": "train" or pass --fewshot-data FILE'
-            )
+            raise DataError(_too_few_examples(task, shots, len(pool)))
         rng = random.Random(f"{seed}:{item.line}")
         parts += [ex.context + task.target_delimiter + ex.answer for ex in rng.sample(pool, shots)]
     return "".join(p + task.example_separator for p in parts)
@@ -182,14 +218,16 @@ def fewshot_prefix(task: Task, item: Item, *, shots: int, seed: int) -> str:
 
 
 def _read_items(path: Path, kind: str) -> tuple[dict[str, str], list[Item]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e}); re-save the file as UTF-8") from None
-    except OSError as e:
-        raise DataError(f"{path}: can't read ({e.strerror})") from None
-    lines = text.splitlines()
-    first = next((ln for ln in lines if ln.strip()), "")
+    text = read_text(path)
+    # Only \n (and \r\n) end a line: JSON strings may hold U+2028 and the like, which
+    # str.splitlines() would also break at.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    first_n, first = next(((n, ln) for n, ln in enumerate(lines, 1) if ln.strip()), (0, ""))
+    if _is_json_array(text, plain_text_ok=kind == "lambada"):
+        raise DataError(
+            f"{path}:{first_n}: expected a JSON object per line, found a JSON array; convert the file "
+            "to JSON Lines, one object per line (e.g. jq -c '.[]' FILE > FILE.jsonl)"
+        )
     if kind == "lambada" and not first.lstrip().startswith("{"):
         items = [_lambada_from_text(line, path, n) for n, line in enumerate(lines, 1) if line.strip()]
         if not items:
@@ -215,6 +253,23 @@ def _read_items(path: Path, kind: str) -> tuple[dict[str, str], list[Item]]:
     if not items:
         raise DataError(f"{path}: no items; expected JSON Lines with one {kind} item per line")
     return header, items
+
+
+def _is_json_array(text: str, *, plain_text_ok: bool) -> bool:
+    """Whether the file is one JSON array (a common export) rather than JSON Lines.
+
+    Where plain text is also valid (LAMBADA's release), a passage may start with "[", so
+    only an array of objects or a file that parses as a JSON array counts.
+    """
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        return False
+    if not plain_text_ok or stripped[1:].lstrip().startswith("{"):
+        return True
+    try:
+        return isinstance(json.loads(stripped), list)
+    except json.JSONDecodeError:
+        return False
 
 
 def _header(obj: Any, path: Path, n: int) -> dict[str, str]:
