@@ -150,9 +150,9 @@ def test_generate_empty_prompt(tiny_hf_dir: Path, capsys: pytest.CaptureFixture[
         (["--temperature", "-1"], "--temperature must be a number >= 0"),
         (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["--top-p", "0"], "--top-p must be in (0, 1]"),
-        (["--top-k", "0"], "--top-k must be an integer >= 1"),
+        (["--top-k=-1"], "--top-k must be an integer >= 0 (0 = off)"),
         (["--max-new-tokens", "-3"], "--max-new-tokens must be"),
-        (["--prompt", "<|endoftext|>"], "allowed_special"),
+        (["--prompt", "<|endoftext|>"], "add --allow-special"),
     ],
 )
 def test_generate_bad_options(

@@ -255,4 +255,6 @@ def test_a_line_separator_inside_a_json_string_stays_in_its_item(tmp_path):
     rows = [{"context": "Pick\u2028one:", "choices": ["a\u2029b", "c"], "label": 0}]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
     task = load_task(path, kind="multiple-choice")
-    assert [(it.context, it.choices, it.line) for it in task.items] == [("Pick\u2028one:", ("a\u2029b", "c"), 1)]
+    assert [(it.context, it.choices, it.line) for it in task.items] == [
+        ("Pick\u2028one:", ("a\u2029b", "c"), 1)
+    ]

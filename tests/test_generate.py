@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,7 +136,7 @@ def test_batch_rows_equal_rows_alone() -> None:
         (dict(top_p=0.0), "--top-p"),
         (dict(top_p=1.5), "--top-p"),
         (dict(top_p=-1.0), "--top-p"),
-        (dict(top_k=0), "--top-k"),
+        (dict(top_k=-1), "--top-k"),
         (dict(max_new_tokens=-1), "--max-new-tokens"),
     ],
 )
@@ -265,3 +267,71 @@ def test_padded_vocabulary_is_never_sampled() -> None:
         model.wte.weight[97:] = 50.0  # the padding rows would dominate if they were scored
     out = generate(model, torch.tensor([[1, 2]]), max_new_tokens=40, temperature=5.0, seed=0, eos_token_id=-1)
     assert out.max() < 97
+
+
+# --- attention masks, prompt id types, top_k=0 ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mask", "fragment"),
+    [
+        ([[1, 1, 0], [1, 1, 1]], "row 0 has a 0 after a 1"),  # right padding
+        ([[1, 1, 1], [1, 0, 1]], "row 1 has a 0 after a 1"),  # a hole
+        ([[0, 0, 0], [1, 1, 1]], "row 0 is all 0s"),
+        ([[1, 1, 2], [1, 1, 1]], "only 0 (padding) and 1"),
+        ([[1, 1], [1, 1]], "shaped like input_ids (2, 3)"),
+    ],
+)
+def test_attention_mask_must_be_left_padding(mask: list[list[int]], fragment: str) -> None:
+    model = tiny_model(seed=20)
+    ids = torch.tensor([[5, 6, 96], [7, 8, 9]])
+    with pytest.raises(ConfigError, match=re.escape(fragment)) as e:
+        generate(model, ids, attention_mask=torch.tensor(mask), max_new_tokens=3, temperature=0)
+    assert "\n" not in str(e.value)
+    if "after a 1" in fragment:
+        assert "left-pad" in str(e.value) and "list of token-id lists" in str(e.value)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):  # beam search checks it too
+        generate(model, ids, attention_mask=torch.tensor(mask), max_new_tokens=3, num_beams=2)
+
+
+def test_left_padding_and_all_ones_masks_still_work() -> None:
+    """`transformers`-style input: left padding (0s then 1s) gives each row what it gives alone;
+    an all-ones mask (bool or int) is the same as no mask."""
+    model = tiny_model(seed=21)
+    ids = torch.tensor([[96, 5, 6], [7, 8, 9]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=6, temperature=0, eos_token_id=-1)
+    alone = generate(model, torch.tensor([[5, 6]]), max_new_tokens=6, temperature=0, eos_token_id=-1)
+    assert out[0, 3:].tolist() == alone[0, 2:].tolist()
+    plain = generate(model, ids, max_new_tokens=6, temperature=0, eos_token_id=-1)
+    for ones in (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)):
+        got = generate(model, ids, attention_mask=ones, max_new_tokens=6, temperature=0, eos_token_id=-1)
+        assert got.tolist() == plain.tolist()
+
+
+def test_prompts_may_be_numpy_integers_or_arrays() -> None:
+    model = tiny_model(seed=22)
+    want = generate(model, [[5, 6], [7]], max_new_tokens=5, seed=1)
+    assert generate(model, [np.array([5, 6]), [np.int64(7)]], max_new_tokens=5, seed=1) == want
+    assert generate(model, [[np.int32(5), np.uint8(6)], torch.tensor([7])], max_new_tokens=5, seed=1) == want
+    assert generate(model, ([5, 6], (7,)), max_new_tokens=5, seed=1) == want
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [[True, 5], [5.0], np.array([5.0]), [np.float64(5)], torch.tensor([True]), [np.bool_(True)], [[5]]],
+    ids=["bool", "float", "float-array", "numpy-float", "bool-tensor", "numpy-bool", "nested"],
+)
+def test_prompts_of_bools_or_floats_are_refused(prompt) -> None:
+    with pytest.raises(ConfigError, match="list of integer token ids"):
+        generate(tiny_model(), [prompt], max_new_tokens=2)
+
+
+def test_top_k_zero_means_no_top_k() -> None:
+    model = tiny_model(seed=23)
+    ids = torch.tensor([[1, 2, 3]])
+    off = generate(model, ids, max_new_tokens=16, seed=5, eos_token_id=-1)
+    assert generate(model, ids, max_new_tokens=16, seed=5, top_k=0, eos_token_id=-1).tolist() == off.tolist()
+    assert generate(model, ids, max_new_tokens=16, seed=5, top_k=3, eos_token_id=-1).tolist() != off.tolist()
+    with pytest.raises(ConfigError, match=re.escape("--top-k must be an integer >= 0 (0 = off), got -1")):
+        generate(model, ids, max_new_tokens=2, top_k=-1)

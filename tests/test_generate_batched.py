@@ -82,7 +82,7 @@ def test_finished_rows_are_dropped_and_others_continue(gpt2_tokenizer: Tokenizer
 
 
 def test_bad_list_inputs(model) -> None:
-    with pytest.raises(ConfigError, match="list of int token ids"):
+    with pytest.raises(ConfigError, match="list of integer token ids"):
         generate(model, ["hello"], max_new_tokens=2)
     with pytest.raises(ConfigError, match="non-empty list"):
         generate(model, [], max_new_tokens=2)
@@ -113,7 +113,7 @@ def test_complete_logprobs_and_n(model) -> None:
         special_tokens = ("<|endoftext|>",)
         eot_token = 96
 
-        def encode(self, s: str) -> list[int]:
+        def encode(self, s: str, **options) -> list[int]:
             return [b % 96 for b in s.encode()]
 
         def decode_bytes(self, ids: list[int]) -> bytes:

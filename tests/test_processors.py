@@ -97,6 +97,9 @@ def test_pipeline_order_and_neutral_values() -> None:
     names = [type(p).__name__ for p in pipe.processors]
     assert names == ["RepetitionPenalty", "NoRepeatNGram", "Temperature", "TopK", "TopP", "MinP"]
     assert build_pipeline(top_p=1.0, repetition_penalty=1.0, min_p=0.0).processors == ()
+    # top_k=0 is "off", as in transformers: no filter, and not greedy.
+    off = build_pipeline(top_k=0, temperature=0.5)
+    assert [type(p).__name__ for p in off.processors] == ["Temperature"] and not off.greedy
     greedy = build_pipeline(temperature=0, top_k=5, repetition_penalty=2.0)
     assert greedy.greedy and [type(p).__name__ for p in greedy.processors] == ["RepetitionPenalty"]
 
@@ -116,6 +119,9 @@ def test_pipeline_composes() -> None:
         (dict(repetition_penalty=math.inf), "--repetition-penalty"),
         (dict(no_repeat_ngram_size=0), "--no-repeat-ngram-size"),
         (dict(temperature=-1.0), "--temperature"),
+        (dict(top_k=-1), "--top-k"),
+        (dict(top_k=1.5), "--top-k"),
+        (dict(top_k=False), "--top-k"),
     ],
 )
 def test_bad_options_name_the_flag(options: dict, flag: str) -> None:

@@ -14,7 +14,9 @@ completion's row r (prompt i, sample j: r = i * n + j) samples with `seed + r`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import Literal
 
 from gpt2kit.errors import ConfigError
 from gpt2kit.generate import decode_steps, pad_prompts
@@ -58,8 +60,13 @@ def complete(
     stop: str | Sequence[str] | None = None,
     seed: int | None = None,
     logprobs: int | None = None,
+    allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
 ) -> list[Completion]:
-    """Complete every prompt `n` times; returns `len(prompts) * n` completions, prompt by prompt."""
+    """Complete every prompt `n` times; returns `len(prompts) * n` completions, prompt by prompt.
+
+    `allowed_special="all"` encodes special tokens written in a prompt (`<|endoftext|>`) as
+    themselves; by default they are an error, as in `Tokenizer.encode`.
+    """
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -73,7 +80,9 @@ def complete(
         repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size,
     )
-    rows = [tokenizer.encode(p) if p else [] for p in prompts for _ in range(n)]
+    rows = [
+        tokenizer.encode(p, allowed_special=allowed_special) if p else [] for p in prompts for _ in range(n)
+    ]
     ids, mask = pad_prompts(model, rows)
     eos = tokenizer.eot_token if tokenizer.special_tokens else model.config.eos_token_id
     streams = [TextStream(stop=stops) for _ in rows]

@@ -18,8 +18,11 @@ i * n + j) samples with `seed + r`, so `generate(m, [p0, p1], seed=s)[1]` equals
 from __future__ import annotations
 
 import logging
+import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple, overload
+from collections.abc import Set as AbstractSet
+from typing import Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor
@@ -72,6 +75,8 @@ def prepare_prompt(
         T = 1
     if input_ids.min() < 0 or input_ids.max() >= config.vocab_size:
         raise ConfigError(f"token ids must be in [0, {config.vocab_size}), the model's vocabulary")
+    if attention_mask is not None:
+        check_left_padded(attention_mask, (B, T))
     n_ctx = config.n_positions
     if (n_ctx - 1 < T and max_new_tokens > 0) or n_ctx < T:
         keep = n_ctx - 1 if max_new_tokens > 0 else n_ctx
@@ -79,12 +84,34 @@ def prepare_prompt(
         input_ids = input_ids[:, -keep:]
         attention_mask = attention_mask[:, -keep:] if attention_mask is not None else None
         T = keep
-    if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ConfigError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {(B, T)}")
-        if bool(attention_mask.all()):
-            attention_mask = None
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
     return input_ids, attention_mask, min(max_new_tokens, n_ctx - T)
+
+
+def check_left_padded(attention_mask: Tensor, shape: tuple[int, int]) -> None:
+    """Raise ConfigError unless every row of the mask is 0s (padding) then 1s (the prompt).
+
+    Decoding appends each new token at the end of its row, so padding on the right (or a
+    hole) would sit between the prompt and its continuation and change the tokens.
+    """
+    if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != shape:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask)
+        raise ConfigError(f"attention_mask must be a tensor shaped like input_ids {shape}, got {got}")
+    m = attention_mask.to(torch.int64)
+    if bool(((m != 0) & (m != 1)).any()):
+        raise ConfigError("attention_mask must hold only 0 (padding) and 1 (token)")
+    empty = m.sum(dim=1) == 0
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0, 0])
+        raise ConfigError(f"attention_mask row {row} is all 0s; give every row at least one token")
+    right = (m[:, 1:] < m[:, :-1]).any(dim=1)
+    if bool(right.any()):
+        row = int(right.nonzero()[0, 0])
+        raise ConfigError(
+            f"attention_mask row {row} has a 0 after a 1 (right padding or a hole), but generation "
+            "needs left padding (0s, then 1s); left-pad the batch or pass a list of token-id lists"
+        )
 
 
 def pad_prompts(model: GPT2, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor | None]:
@@ -92,15 +119,7 @@ def pad_prompts(model: GPT2, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, 
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ConfigError("prompts must be a non-empty list of token-id lists (or a [batch, T] tensor)")
     eos = model.config.eos_token_id
-    rows = []
-    for p in prompts:
-        if isinstance(p, Tensor):
-            p = p.tolist()
-        if isinstance(p, (str, bytes)) or not all(isinstance(t, int) for t in p):
-            raise ConfigError(
-                "each prompt must be a list of int token ids; encode text with the tokenizer first"
-            )
-        rows.append(list(p) or [eos])
+    rows = [token_ids(p) or [eos] for p in prompts]
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), eos, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -108,6 +127,25 @@ def pad_prompts(model: GPT2, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, 
         ids[i, T - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[i, T - len(r) :] = 1
     return ids, (None if bool(mask.all()) else mask)
+
+
+def token_ids(prompt: object) -> list[int]:
+    """One prompt as a list of Python ints. Any integers are fine (numpy's, a 1-D tensor or
+    array); bools and floats are refused: they are almost always a mask or a computed value."""
+    if isinstance(prompt, Tensor):
+        prompt = prompt.tolist()
+    try:
+        if not isinstance(prompt, (str, bytes)):
+            return [_int_id(t) for t in prompt]  # type: ignore[attr-defined]
+    except TypeError:
+        pass
+    raise ConfigError("each prompt must be a list of integer token ids; encode text with the tokenizer first")
+
+
+def _int_id(t: object) -> int:
+    if isinstance(t, bool):  # operator.index accepts True; numpy's bool it already refuses
+        raise TypeError
+    return operator.index(t)  # type: ignore[arg-type]
 
 
 @torch.inference_mode()
@@ -285,9 +323,11 @@ def generate(
     """Continue each prompt; returns the prompt plus its new tokens.
 
     `input_ids` a [B, T] tensor -> a [B * n, T + new] tensor; rows that end early are
-    padded with `eos_token_id`, as `transformers` does for GPT-2. A list of token-id
-    lists (any lengths) -> a list of B * n id lists, each ending at its <|endoftext|>
-    (included) or at `max_new_tokens`. `temperature=0` (or `top_k=1`) is greedy;
+    padded with `eos_token_id`, as `transformers` does for GPT-2; its `attention_mask`, if
+    any, must be left padding (0s then 1s per row). A list of token-id lists (any lengths;
+    Python or numpy integers, or 1-D tensors/arrays) -> a list of B * n id lists, each
+    ending at its <|endoftext|> (included) or at `max_new_tokens`. `top_k=0` (or None)
+    means no top-k filtering, as in `transformers`. `temperature=0` (or `top_k=1`) is greedy;
     `num_beams > 1` is beam search as `transformers` does it (see `gpt2kit.beam`).
     `compile=True` compiles the decode step (`gpt2kit.compiled`): worth it for long runs.
 
@@ -303,6 +343,8 @@ def generate(
         raise ConfigError(f"n must be an integer >= 1, got {n!r}")
     if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 1:
         raise ConfigError(f"--num-beams must be an integer >= 1, got {num_beams!r}")
+    if not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
+        raise ConfigError(f"--length-penalty must be a finite number (1 = neutral), got {length_penalty!r}")
     if n > 1 and num_beams > 1:
         raise ConfigError("n > 1 samples with beam search is not supported; use one or the other")
     if compile and num_beams > 1:
@@ -386,14 +428,16 @@ def stream_text(
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
     compile: bool = False,
+    allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces, never splitting a UTF-8 character.
 
     The text stops before <|endoftext|> or before the first `stop` string (which is never
     yielded, not even in part). `"".join(stream_text(...))` is the whole continuation.
-    `on_token` is called with every generated id (e.g. to count them).
+    `on_token` is called with every generated id (e.g. to count them). `allowed_special="all"`
+    encodes special tokens written in the prompt (`<|endoftext|>`) as themselves.
     """
-    ids = tokenizer.encode(prompt) if prompt else []
+    ids = tokenizer.encode(prompt, allowed_special=allowed_special) if prompt else []
     input_ids = torch.tensor([ids], dtype=torch.long).reshape(1, len(ids))
     eos = tokenizer.eot_token if tokenizer.special_tokens else model.config.eos_token_id
     text = TextStream(stop=stop)

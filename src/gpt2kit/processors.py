@@ -218,7 +218,14 @@ def build_pipeline(
     no_repeat_ngram_size: int | None = None,
     extra: Sequence[LogitsProcessor] = (),
 ) -> LogitsPipeline:
-    """Check the options and build the pipeline; options at their neutral value add nothing."""
+    """Check the options and build the pipeline; options at their neutral value add nothing.
+
+    `top_k=0` means no top-k filtering, as in `transformers` (the same as None).
+    """
+    if isinstance(top_k, int) and not isinstance(top_k, bool):
+        if top_k < 0:
+            raise ConfigError(f"--top-k must be an integer >= 0 (0 = off), got {top_k!r}")
+        top_k = top_k or None
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     check_processors(
         min_p=min_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size

@@ -44,7 +44,11 @@ def readline_history(path: Path) -> Iterator[None]:
 
 def prompt_loop(model, tokenizer, args: argparse.Namespace) -> int:
     """Read prompts until EOF; stream each continuation with the sampling flags of `args`."""
+    from gpt2kit.cli.generate import encode_prompt
+    from gpt2kit.errors import Gpt2kitError
     from gpt2kit.generate import stream_text
+
+    allow_special = getattr(args, "allow_special", False)
 
     out = sys.stdout
     print(HELP, file=sys.stderr)
@@ -62,6 +66,11 @@ def prompt_loop(model, tokenizer, args: argparse.Namespace) -> int:
                 return 0
             if not line.strip():
                 continue
+            try:  # a bad prompt (a special token) is reported; the session goes on
+                encode_prompt(tokenizer, line, allow_special=allow_special)
+            except Gpt2kitError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
             out.write(line)
             out.flush()
             tokens: list[int] = []
@@ -77,6 +86,7 @@ def prompt_loop(model, tokenizer, args: argparse.Namespace) -> int:
                     top_p=args.top_p,
                     seed=args.seed,
                     on_token=tokens.append,
+                    allowed_special="all" if allow_special else frozenset(),
                     # The generate command's other sampling flags, when it has them.
                     **{
                         name: getattr(args, name)
