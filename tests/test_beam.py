@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import hf_model
-from gpt2kit import GPT2, generate
+from gpt2kit import GPT2, GPT2Config, generate
+from gpt2kit.beam import beam_search
 from gpt2kit.errors import ConfigError
 
 
@@ -95,3 +96,10 @@ def test_cli_beam_and_sampling_flags(tiny_hf_dir, capsys: pytest.CaptureFixture[
         main([*argv, "--repetition-penalty", "0"])
     assert exit_.value.code == 2
     assert "--repetition-penalty must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("penalty", [float("nan"), float("inf")])
+def test_beam_search_refuses_a_non_finite_length_penalty(penalty: float) -> None:
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=16)).eval()
+    with pytest.raises(ConfigError, match="--length-penalty must be a finite number"):
+        beam_search(model, torch.tensor([[1, 2]]), max_new_tokens=2, num_beams=2, length_penalty=penalty)

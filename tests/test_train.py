@@ -392,3 +392,27 @@ def test_plot_writes_a_png(data_dir: Path, tmp_path: Path) -> None:
     path = plot_run(tmp_path / "run")
     assert path == tmp_path / "run" / "loss.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:x", "mps"])
+def test_cli_train_refuses_a_device_it_cannot_use(data_dir: Path, tmp_path: Path, device: str) -> None:
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    res = subprocess.run(
+        [sys.executable, "-m", "gpt2kit", *tiny_args(data_dir, tmp_path / "run", device=device)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stderr
+    last = res.stderr.strip().splitlines()[-1]  # after the resolved config, which train prints first
+    assert last.startswith("gpt2kit train: error:") and repr(device) in last and "cpu" in last, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_quickstart_refuses_an_unknown_device_before_any_work(tmp_path: Path) -> None:
+    from gpt2kit.quickstart import quickstart
+
+    with pytest.raises(ConfigError, match="'foo'"):
+        quickstart(out=tmp_path / "qs", device="foo")
+    assert not (tmp_path / "qs" / "data").exists()

@@ -15,6 +15,8 @@ judged at the current length), when every prompt has `num_beams` finished hypoth
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,12 @@ def _gather(t: Tensor, index: Tensor) -> Tensor:
     """t (B, K, ...) -> t[b, index[b, j], ...] (B, J, ...)."""
     batch = torch.arange(t.shape[0], device=t.device)[:, None]
     return t[batch, index]
+
+
+def check_length_penalty(length_penalty: float) -> None:
+    """A finite number: NaN or inf would rank every finished beam the same."""
+    if not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
+        raise ConfigError(f"--length-penalty must be a finite number (1 = neutral), got {length_penalty!r}")
 
 
 @torch.inference_mode()
@@ -52,6 +60,7 @@ def beam_search(
         raise ConfigError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ConfigError(f"--num-beams must be an integer >= 1, got {num_beams!r}")
+    check_length_penalty(length_penalty)
     device = model.wte.weight.device
     if device.type == "cpu":
         use_decode_layout(model)

@@ -18,7 +18,6 @@ i * n + j) samples with `seed + r`, so `generate(m, [p0, p1], seed=s)[1]` equals
 from __future__ import annotations
 
 import logging
-import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
@@ -27,6 +26,7 @@ from typing import Literal, NamedTuple, overload
 import torch
 from torch import Tensor
 
+from gpt2kit.beam import check_length_penalty
 from gpt2kit.compiled import cache_length, compiled_decoder
 from gpt2kit.errors import ConfigError
 from gpt2kit.model import GPT2, KVCache, use_decode_layout
@@ -343,8 +343,7 @@ def generate(
         raise ConfigError(f"n must be an integer >= 1, got {n!r}")
     if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 1:
         raise ConfigError(f"--num-beams must be an integer >= 1, got {num_beams!r}")
-    if not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
-        raise ConfigError(f"--length-penalty must be a finite number (1 = neutral), got {length_penalty!r}")
+    check_length_penalty(length_penalty)
     if n > 1 and num_beams > 1:
         raise ConfigError("n > 1 samples with beam search is not supported; use one or the other")
     if compile and num_beams > 1:

@@ -23,12 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gpt2kit.data import TokenData, read_meta
 from gpt2kit.errors import ConfigError, Gpt2kitError
 from gpt2kit.runcheckpoint import checkpoint_dirs
-from gpt2kit.train import train
+from gpt2kit.train import Dist, pick_device, train
 from gpt2kit.trainconfig import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -133,8 +131,7 @@ def quickstart(
         )
     if minutes <= 0 and max_steps is None:
         raise ConfigError(f"--minutes must be > 0 (got {minutes}), or pass --max-steps")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(pick_device(device, Dist()))  # a bad --device fails here, before any work
 
     data_dir = out / "data"
     if _prepared(data_dir, inputs, tokenizer):

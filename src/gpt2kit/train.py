@@ -230,9 +230,19 @@ def pick_device(name: str, d: Dist) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and d.enabled:
         name = f"cuda:{d.local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device is 'cuda' but no CUDA GPU is available; use --set device=cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"device {name!r} is not a device torch knows; use cpu, cuda, cuda:N or auto"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device is {name!r} but no CUDA GPU is available; use --set device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"device is {name!r} but MPS is not available here (Apple GPUs only); use --set device=cpu"
+        )
+    return device
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
