@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import time
@@ -176,6 +175,7 @@ def unescape(text: str) -> str:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every flag and combination of flags, before anything loads or prints (ConfigError)."""
+    from gpt2kit.beam import check_length_penalty
     from gpt2kit.errors import ConfigError
     from gpt2kit.processors import build_pipeline
 
@@ -191,10 +191,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.num_beams < 1:
         raise ConfigError(f"--num-beams must be >= 1 (1 = no beam search), got {args.num_beams}")
-    if not math.isfinite(args.length_penalty):
-        raise ConfigError(
-            f"--length-penalty must be a finite number (1 = neutral), got {args.length_penalty}"
-        )
+    check_length_penalty(args.length_penalty)
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     if args.logprobs is not None and not 0 <= args.logprobs <= 20:
@@ -261,6 +258,22 @@ def run(args: argparse.Namespace) -> int:
     return _stream(args, model, tokenizer, device)
 
 
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The flags `stream_text` and `complete` both take, as their keyword arguments."""
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "stop": args.stop,
+        "seed": args.seed,
+        "allowed_special": "all" if args.allow_special else frozenset(),
+    }
+
+
 def _stream(args: argparse.Namespace, model, tokenizer, device: str) -> int:
     """One sample, written to stdout piece by piece as it is decoded."""
     from gpt2kit.generate import stream_text
@@ -275,18 +288,9 @@ def _stream(args: argparse.Namespace, model, tokenizer, device: str) -> int:
         model,
         tokenizer,
         args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
         on_token=lambda t: (tokens.append(t), times.append(time.perf_counter())),
-        stop=args.stop,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
         compile=args.compile,
-        allowed_special="all" if args.allow_special else frozenset(),
+        **sampling_options(args),
     ):
         out.write(piece)
         out.flush()
@@ -315,18 +319,9 @@ def _samples(args: argparse.Namespace, model, tokenizer, device: str) -> int:
         model,
         tokenizer,
         args.prompt,
-        max_new_tokens=args.max_new_tokens,
         n=args.n,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        stop=args.stop,
-        seed=args.seed,
         logprobs=args.logprobs,
-        allowed_special="all" if args.allow_special else frozenset(),
+        **sampling_options(args),
     )
     dt = time.perf_counter() - t0
     out = sys.stdout
