@@ -121,3 +121,28 @@ def test_cli_compile_with_beams_is_a_clear_error(tmp_path) -> None:
     )
     assert proc.returncode == 2
     assert "--compile" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_compiled_decoding_matches_eager(dtype) -> None:
+    """The GPU half of compiled decoding (Triton kernels): run with `pytest -m gpu` on a CUDA machine."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    m = tiny_model(seed=3).to("cuda", dtype)
+    kw = dict(max_new_tokens=12, temperature=0, eos_token_id=-1)
+    fast, slow = generate(m, PROMPTS, compile=True, **kw), generate(m, PROMPTS, **kw)
+    if dtype == torch.float32:  # bf16 rounding may flip a near-tie; its logits are checked below
+        assert fast == slow
+    assert [len(r) for r in fast] == [len(p) + 12 for p in PROMPTS]
+    ids = torch.tensor([[5, 17, 3, 40], [1, 2, 3, 4], [60, 50, 40, 30]], device="cuda")
+    new = torch.tensor([[9], [8], [7]], device="cuda")
+    with torch.inference_mode():
+        cache = KVCache.allocate(
+            m.config, 3, cache_length(8, m.config.n_positions), device="cuda", dtype=dtype
+        )
+        m(ids, kv_cache=cache)
+        got = compiled_decoder(m).step(new, cache)
+        want = m(torch.cat([ids, new], dim=1)).logits[:, -1]
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
