@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gpt2kit.errors import ConfigError
-from gpt2kit.generate import decode_steps, pad_prompts
+from gpt2kit.generate import decode_steps, eos_id, pad_prompts
 from gpt2kit.model import GPT2
 from gpt2kit.processors import build_pipeline
 from gpt2kit.stopping import TextStream, check_stop
@@ -84,7 +84,7 @@ def complete(
         tokenizer.encode(p, allowed_special=allowed_special) if p else [] for p in prompts for _ in range(n)
     ]
     ids, mask = pad_prompts(model, rows)
-    eos = tokenizer.eot_token if tokenizer.special_tokens else model.config.eos_token_id
+    eos = eos_id(model, tokenizer)
     streams = [TextStream(stop=stops) for _ in rows]
     out = [
         Completion(i // n, "", [], "length", [] if logprobs is not None else None) for i in range(len(rows))

@@ -129,6 +129,12 @@ def pad_prompts(model: GPT2, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, 
     return ids, (None if bool(mask.all()) else mask)
 
 
+def eos_id(model: GPT2, tokenizer: Tokenizer) -> int:
+    """The id that ends a text continuation: the tokenizer's <|endoftext|>, or the model's
+    eos id for a tokenizer without special tokens."""
+    return tokenizer.eot_token if tokenizer.special_tokens else model.config.eos_token_id
+
+
 def token_ids(prompt: object) -> list[int]:
     """One prompt as a list of Python ints. Any integers are fine (numpy's, a 1-D tensor or
     array); bools and floats are refused: they are almost always a mask or a computed value."""
@@ -438,7 +444,7 @@ def stream_text(
     """
     ids = tokenizer.encode(prompt, allowed_special=allowed_special) if prompt else []
     input_ids = torch.tensor([ids], dtype=torch.long).reshape(1, len(ids))
-    eos = tokenizer.eot_token if tokenizer.special_tokens else model.config.eos_token_id
+    eos = eos_id(model, tokenizer)
     text = TextStream(stop=stop)
     for token in stream_tokens(
         model,

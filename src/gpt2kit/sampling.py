@@ -54,12 +54,12 @@ def top_p_filter(logits: Tensor, p: float | Tensor) -> Tensor:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
     # Drop a token when the tokens before it already reach p; the top token always stays.
     if isinstance(p, Tensor):
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= p[:, None]
-        drop_sorted &= (p < 1)[:, None]
+        drop_sorted = (before >= p[:, None]) & (p < 1)[:, None]
     else:
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+        drop_sorted = before >= p
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

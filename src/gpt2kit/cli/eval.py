@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     # loads (which can take minutes), so a typo costs nothing.
     check_flags(args)
     check_output(args.output)
+    if args.task != "perplexity":
+        args.shots = args.shots or 0  # None only marks "not given", for check_flags
     if args.task == "perplexity":
         data, task_info = read_perplexity_text(args.data)
     else:
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=device, dtype=dtype)
     tokenizer = load_tokenizer(args.model)
     settings = {
-        "shots": None if args.task == "perplexity" else args.shots or 0,
+        "shots": None if args.task == "perplexity" else args.shots,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "limit": args.limit,
@@ -216,7 +218,7 @@ def read_task(args: argparse.Namespace) -> tuple[Task, dict[str, Any]]:
     task = load_task(args.data, kind=args.task, fewshot_path=args.fewshot_data).limit(args.limit)
     if args.description is not None:
         task = dataclasses.replace(task, description=args.description)
-    check_shots(task, args.shots or 0)
+    check_shots(task, args.shots)
     info = {
         "name": task.name,
         "path": str(task.path),
@@ -259,7 +261,7 @@ def evaluate(
         return {"metrics": result, "items": []}
     # The task-file kinds share their options; `generate` adds its decoding ones.
     common = {
-        "shots": args.shots or 0,
+        "shots": args.shots,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "progress": progress,

@@ -360,7 +360,7 @@ def _beam(args: argparse.Namespace, model, tokenizer) -> int:
     """Beam search: the best beam is known only at the end, so print it whole."""
     import torch
 
-    from gpt2kit.generate import generate, prepare_prompt
+    from gpt2kit.generate import eos_id, generate, prepare_prompt
     from gpt2kit.stopping import TextStream
 
     ids = encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)
@@ -368,7 +368,7 @@ def _beam(args: argparse.Namespace, model, tokenizer) -> int:
     prompt, _, _ = prepare_prompt(
         model, torch.tensor([ids], dtype=torch.long).reshape(1, len(ids)), None, args.max_new_tokens
     )
-    eos = tokenizer.eot_token if tokenizer.special_tokens else model.config.eos_token_id
+    eos = eos_id(model, tokenizer)
     t0 = time.perf_counter()
     out = generate(
         model,
