@@ -25,8 +25,8 @@ class Server:
     app: object
 
     @property
-    def engine(self):
-        return self.app.state.engine
+    def worker(self):
+        return self.app.state.worker
 
 
 def make_model_dir(path: Path, *, n_positions: int = 512) -> Path:

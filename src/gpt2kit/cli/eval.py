@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 def check_flags(args: argparse.Namespace) -> None:
     """Bounds of the numeric flags, and no flag the chosen task would silently ignore."""
     from gpt2kit.errors import ConfigError
-    from gpt2kit.sampling import check_sampling
+    from gpt2kit.sampling import SamplingConfig, SamplingError
 
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
@@ -160,7 +160,10 @@ def check_flags(args: argparse.Namespace) -> None:
     ):
         if value is not None and value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
-    check_sampling(temperature=args.temperature)
+    try:
+        SamplingConfig(temperature=args.temperature)
+    except SamplingError as e:
+        raise ConfigError(f"--{e.field} {e.message}") from None
     if args.task == "perplexity":
         given = [flag for flag, attr in JSONL_ONLY if getattr(args, attr) is not None]
         if given:

@@ -24,10 +24,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gpt2kit.engine import DecodeStep
 from gpt2kit.model import GPT2
 from gpt2kit.server import explorer
 from gpt2kit.server.completions import Context, Limits, complete, start_stream
-from gpt2kit.server.engine import Engine
 from gpt2kit.server.protocol import (
     APIError,
     AttentionRequest,
@@ -46,6 +46,7 @@ from gpt2kit.server.protocol import (
     NextResponse,
     TokenInfo,
 )
+from gpt2kit.server.worker import Worker
 from gpt2kit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,29 +72,32 @@ def create_app(
     api_key: str | None = None,
     limits: Limits | None = None,
     batching: bool = True,
-    max_batch_size: int = 32,
+    max_batch_size: int = 8,
     max_pending: int = 64,
     max_body_bytes: int = 1_000_000,
+    step: DecodeStep | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `model`; its engine thread starts now and stops at shutdown.
 
     `max_pending` caps the requests queued or running (429 beyond), `max_batch_size` the
-    rows decoded together, `max_body_bytes` the request body (413 beyond).
+    rows decoded together (the engine's cache slots), `max_body_bytes` the request body (413
+    beyond), `step` the decode step (eager by default; `gpt2kit.compiled` builds compiled ones).
     """
-    engine = Engine(
+    worker = Worker(
         model,
         eos_token_id=_eos(tokenizer, model),
         batching=batching,
-        max_batch_size=max_batch_size,
+        slots=max_batch_size,
         max_pending=max_pending,
+        step=step,
     )
-    ctx = Context(engine, tokenizer, model_name, limits or Limits())
+    ctx = Context(worker, tokenizer, model_name, limits or Limits())
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.stop()
+        worker.stop()
 
     app = FastAPI(
         title="gpt2kit",
@@ -101,7 +105,7 @@ def create_app(
         version=_version(),
         lifespan=lifespan,
     )
-    app.state.engine = engine
+    app.state.worker = worker
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     _error_handlers(app)
     # Declares the bearer scheme in the OpenAPI document; Guard enforces it.
@@ -110,7 +114,7 @@ def create_app(
     @app.get("/health", response_model=Health, tags=["server"])
     def health() -> Health:
         """Liveness and load; never needs the API key."""
-        return Health(model=model_name, requests_in_flight=engine.load, auth_required=api_key is not None)
+        return Health(model=model_name, requests_in_flight=worker.load, auth_required=api_key is not None)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=bearer, tags=["openai"])
     def models() -> ModelList:
