@@ -276,5 +276,3 @@ def test_n_with_logprobs_prints_a_table_per_sample(
 
 
 # --- the --compile claim --------------------------------------------------------------------
-
-
