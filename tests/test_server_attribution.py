@@ -96,14 +96,13 @@ def test_bias_is_ln_f_bias_and_centring(models) -> None:
     ours, _ = models
     a = direct_logit_attribution(ours, IDS, token_id=42)
     with torch.no_grad():
-        x = ours.wte(torch.tensor([IDS]))  # only to get the stream: run the model's own blocks
-        x = x + ours.wpe(torch.arange(len(IDS)))
+        x = ours.wte(torch.tensor([IDS])) + ours.wpe(torch.arange(len(IDS)))  # the model's own blocks
         for block in ours.h:
             x = block(x, None, True)
         stream = x[0, -1].double()
-    scale = 1 / torch.sqrt(stream.var(unbiased=False) + ours.ln_f.eps)
-    d = ours.wte.weight[42].double() * ours.ln_f.weight.double()
-    expected = ours.wte.weight[42].double() @ ours.ln_f.bias.double() - scale * stream.mean() * d.sum()
+        scale = 1 / torch.sqrt(stream.var(unbiased=False) + ours.ln_f.eps)
+        d = ours.wte.weight[42].double() * ours.ln_f.weight.double()
+        expected = ours.wte.weight[42].double() @ ours.ln_f.bias.double() - scale * stream.mean() * d.sum()
     assert a.bias == pytest.approx(float(expected), abs=1e-6)
 
 
