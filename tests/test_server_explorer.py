@@ -9,13 +9,16 @@ import math
 import httpx
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from conftest import hf_model
+from conftest import hf_model, tiny_model
 from gpt2kit.checkpoint import from_hf_state_dict
 from gpt2kit.config import GPT2Config
 from gpt2kit.generate import generate
 from gpt2kit.model import GPT2
 from gpt2kit.server import explorer
+from gpt2kit.server.attribution import direct_logit_attribution
 from gpt2kit.tokenizer import Tokenizer
 from server_helpers import make_model_dir, running_server
 
@@ -429,3 +432,53 @@ def test_explorer_page_and_assets(server) -> None:
     assert page.status_code == 200 and "GPT-2 Explorer" in page.text
     for asset in ("/static/app.js", "/static/style.css"):
         assert httpx.get(f"{server.url}{asset}").status_code == 200
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements any op produced while active (views count as their size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def largest(fn) -> int:
+    with LargestTensor() as seen:
+        fn()
+    return seen.numel
+
+
+def test_no_view_builds_more_than_a_forward_pass() -> None:
+    """At the context limit, no view's biggest tensor exceeds the biggest of one plain forward
+    pass, and a head's map never means every head's (or every layer's) maps at once."""
+    T, V, nh, L = 256, 1024, 4, 4  # GPT-2's proportions: L * nh * T * T > T * V
+    model = tiny_model(vocab_size=V, n_positions=T, n_layer=L, n_head=nh, n_embd=64)
+    ids = torch.randint(0, V, (T,)).tolist()
+    with torch.inference_mode():
+        forward = largest(lambda: model(torch.tensor([ids])))
+    assert forward == T * V  # the logits
+    head = largest(lambda: explorer.attention_head(model, ids, layer=L - 1, head=1))
+    assert head < nh * T * T and head <= forward
+    assert (
+        largest(lambda: explorer.attention_step(model, ids, layer=L - 1, head=1, position=T - 1)) <= forward
+    )
+    assert largest(lambda: direct_logit_attribution(model, ids)) <= forward
+    assert largest(lambda: explorer.lens_grid(model, ids)) <= forward
+    assert largest(lambda: explorer.surprise(model, ids, bos=0)) <= forward
+    assert (
+        largest(lambda: explorer.attention(model, ids[:64], layer=L - 1)) == nh * 64 * 64
+    )  # the capped grid
+
+
+def test_explorer_endpoints_in_the_openapi_schema(server) -> None:
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    for path in ["next", "surprise", "attention", "attention/grid", "lens", "lens/grid", "attribution"]:
+        responses = paths[f"/api/{path}"]["post"]["responses"]
+        assert "400" in responses and "422" not in responses, path

@@ -241,4 +241,4 @@ class _Names:
 
 def _rounded(t: torch.Tensor, digits: int) -> list[list[float]]:
     """A weight matrix as JSON-friendly rows; rounding keeps a context-sized map small on the wire."""
-    return torch.round(t.float(), decimals=digits).tolist()
+    return torch.round(t.double(), decimals=digits).tolist()

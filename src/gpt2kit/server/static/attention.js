@@ -216,9 +216,10 @@ function renderDetail(data) {
     });
   }
   const head = el("tr", {}, ["key token", "k", "q · k", "score", "softmax weight", "v"].map((h) => el("th", { text: h })));
+  const most = Math.max(...d.weights);
   const rows = order.map((j) => {
     const bar = el("span", { className: "w-fill" });
-    bar.style.width = `${100 * d.weights[j]}%`;
+    bar.style.width = `${(100 * d.weights[j]) / most}%`; // the largest weight fills its track
     return el("tr", { className: "step-row", data: { key: j, weight: d.weights[j] } }, [
       Object.assign(tokenNode(data.tokens[j].token, "td"), { className: "tok-cell", title: `position ${j}` }),
       el("td", {}, [vectorStrip(d.keys[j], scale)]),

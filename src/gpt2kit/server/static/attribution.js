@@ -49,8 +49,9 @@ function renderBars(data) {
   const rowH = 22;
   const labelW = 70;
   const width = 640;
-  const half = (width - labelW - 70) / 2;
-  const zero = labelW + half;
+  const room = 60; // for a value's text beside its bar
+  const half = (width - labelW - 2 * room) / 2;
+  const zero = labelW + room + half;
   const chart = svg("svg", { width, height: rowH * items.length + 10, class: "attr-chart", role: "img" });
   chart.appendChild(svg("line", { x1: zero, x2: zero, y1: 0, y2: rowH * items.length + 10, class: "axis" }));
   items.forEach((p, i) => {
