@@ -65,7 +65,7 @@ def test_logit_lens_matches_transformers_hidden_states(models) -> None:
 
 def test_next_tokens_are_the_softmax(models) -> None:
     ours, hf = models
-    top = explorer.next_tokens(ours, IDS, k=10, temperature=0.7)
+    top = [(c.id, c.prob) for c in explorer.sampling_view(ours, IDS, k=10, temperature=0.7).candidates]
     with torch.no_grad():
         probs = (hf(torch.tensor([IDS])).logits[0, -1] / 0.7).softmax(-1)
     values, ids = probs.topk(10)
@@ -106,7 +106,7 @@ def test_surprise_rank_one_is_the_top_choice(models) -> None:
     ours, _ = models
     ids = [464]
     for _ in range(5):  # a greedy continuation: every token is the model's top choice
-        ids.append(explorer.next_tokens(ours, ids, k=1)[0][0])
+        ids.append(explorer.sampling_view(ours, ids, k=1).candidates[0].id)
     assert explorer.surprise(ours, ids[1:], bos=ids[0]).ranks == [1] * 5
 
 

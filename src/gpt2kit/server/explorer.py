@@ -8,8 +8,8 @@ model's. Nothing here holds more than one forward pass's memory at the context l
 attention is computed for the one head asked for, and logits over the vocabulary are
 read `CHUNK` positions at a time.
 
->>> next_tokens(model, [15496, 995], k=3)  # doctest: +SKIP
-[(11, 0.12), (13, 0.08), (0, 0.05)]
+>>> [c.id for c in sampling_view(model, [15496, 995], k=3).candidates]  # doctest: +SKIP
+[11, 13, 0]
 """
 
 from __future__ import annotations
@@ -59,17 +59,6 @@ class NextTokens:
 
 
 @torch.inference_mode()
-def next_tokens(
-    model: GPT2, ids: list[int], *, k: int = 10, temperature: float = 1.0
-) -> list[tuple[int, float]]:
-    """The k most likely next tokens after `ids` with their probabilities, most likely first."""
-    logits = model(torch.tensor([ids], device=model.wte.weight.device), last_only=True).logits[0, -1]
-    probs = (logits.float() / temperature).softmax(dim=-1)
-    values, order = torch.topk(probs, min(k, probs.shape[-1]))
-    return [(int(i), float(p)) for i, p in zip(order, values, strict=True)]
-
-
-@torch.inference_mode()
 def sampling_view(
     model: GPT2,
     ids: list[int],
@@ -94,7 +83,7 @@ def sampling_view(
     logits = model(torch.tensor([ids], device=model.wte.weight.device), last_only=True).logits[:, -1]
     logits = logits.float()  # (1, V)
     probs = (logits / temperature).softmax(dim=-1)[0]
-    filters: list = [Temperature(temperature)]
+    filters: list[Temperature | TopK | TopP] = [Temperature(temperature)]
     if top_k:
         filters.append(TopK(top_k))
     if top_p is not None and top_p < 1.0:
