@@ -26,25 +26,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpt2kit.engine import DecodeStep
 from gpt2kit.model import GPT2
-from gpt2kit.server import explorer
 from gpt2kit.server.completions import Context, Limits, complete, start_stream
+from gpt2kit.server.explorer_routes import explorer_router
 from gpt2kit.server.protocol import (
     APIError,
-    AttentionRequest,
-    AttentionResponse,
-    Candidate,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
     Health,
-    LensLayer,
-    LensRequest,
-    LensResponse,
     ModelCard,
     ModelList,
-    NextRequest,
-    NextResponse,
-    TokenInfo,
 )
 from gpt2kit.server.worker import Worker
 from gpt2kit.tokenizer import Tokenizer
@@ -147,51 +138,7 @@ def create_app(
             )
         return await complete(body, ctx, request.is_disconnected)
 
-    @app.post(
-        "/api/next", response_model=NextResponse, responses=ERRORS, dependencies=bearer, tags=["explorer"]
-    )
-    def next_token(body: NextRequest) -> NextResponse:
-        """The k most likely next tokens with their probabilities, most likely first."""
-        ids = _explorer_ids(body.text, tokenizer, model)
-        top = explorer.next_tokens(model, ids, k=body.k, temperature=body.temperature)
-        return NextResponse(prompt_tokens=_token_infos(ids, tokenizer), tokens=_candidates(top, tokenizer))
-
-    @app.post(
-        "/api/attention",
-        response_model=AttentionResponse,
-        responses=ERRORS,
-        dependencies=bearer,
-        tags=["explorer"],
-    )
-    def attention(body: AttentionRequest) -> AttentionResponse:
-        """Attention weights of one layer and head: T x T, row i over tokens 0..i."""
-        cfg = model.config
-        if body.layer >= cfg.n_layer:
-            raise APIError(400, f"layer must be < {cfg.n_layer} (the model's n_layer)", param="layer")
-        if body.head >= cfg.n_head:
-            raise APIError(400, f"head must be < {cfg.n_head} (the model's n_head)", param="head")
-        ids = _explorer_ids(body.text, tokenizer, model)
-        weights = explorer.attention(model, ids, layer=body.layer)[body.head]
-        return AttentionResponse(
-            tokens=_token_infos(ids, tokenizer),
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            layer=body.layer,
-            head=body.head,
-            weights=[[round(float(w), 6) for w in row] for row in weights],
-        )
-
-    @app.post(
-        "/api/lens", response_model=LensResponse, responses=ERRORS, dependencies=bearer, tags=["explorer"]
-    )
-    def lens(body: LensRequest) -> LensResponse:
-        """Logit lens: the top next tokens read from each layer's residual stream."""
-        ids = _explorer_ids(body.text, tokenizer, model)
-        layers = explorer.logit_lens(model, ids, k=body.k)
-        return LensResponse(
-            tokens=_token_infos(ids, tokenizer),
-            layers=[LensLayer(layer=i, tokens=_candidates(top, tokenizer)) for i, top in enumerate(layers)],
-        )
+    app.include_router(explorer_router(model, tokenizer), dependencies=bearer, responses=ERRORS)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -228,23 +175,6 @@ def _version() -> str:
 
 def _eos(tokenizer: Tokenizer, model: GPT2) -> int:
     return tokenizer.special_tokens.get("<|endoftext|>", model.config.eos_token_id)
-
-
-def _explorer_ids(text: str, tokenizer: Tokenizer, model: GPT2) -> list[int]:
-    ids = tokenizer.encode(text, allowed_special="all") if text else [_eos(tokenizer, model)]
-    n_ctx = model.config.n_positions
-    if len(ids) > n_ctx:
-        raise APIError(400, f"text has {len(ids)} tokens, more than the context of {n_ctx}", param="text")
-    return ids
-
-
-def _token_infos(ids: list[int], tokenizer: Tokenizer) -> list[TokenInfo]:
-    return [TokenInfo(id=i, token=t) for i, t in zip(ids, tokenizer.decode_tokens(ids), strict=True)]
-
-
-def _candidates(top: list[tuple[int, float]], tokenizer: Tokenizer) -> list[Candidate]:
-    names = tokenizer.decode_tokens([i for i, _ in top])
-    return [Candidate(id=i, token=name, prob=p) for (i, p), name in zip(top, names, strict=True)]
 
 
 # --- errors ------------------------------------------------------------------------------

@@ -183,69 +183,6 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-# --- the Explorer's JSON endpoints -------------------------------------------------------
-
-MAX_EXPLORER_TEXT = 20_000  # characters; the token count is checked against the context
-
-
-class NextRequest(BaseModel):
-    model_config = STRICT
-
-    text: StrictStr = Field(max_length=MAX_EXPLORER_TEXT, description="The prompt ('' = <|endoftext|>).")
-    k: StrictInt = Field(default=10, ge=1, le=100, description="How many candidates.")
-    temperature: float = Field(default=1.0, gt=0, le=5, description="Divides the logits before softmax.")
-
-
-class TokenInfo(BaseModel):
-    id: int
-    token: str
-
-
-class Candidate(BaseModel):
-    id: int
-    token: str
-    prob: float
-
-
-class NextResponse(BaseModel):
-    prompt_tokens: list[TokenInfo]
-    tokens: list[Candidate] = Field(description="In descending probability.")
-
-
-class AttentionRequest(BaseModel):
-    model_config = STRICT
-
-    text: StrictStr = Field(max_length=MAX_EXPLORER_TEXT)
-    layer: StrictInt = Field(default=0, ge=0)
-    head: StrictInt = Field(default=0, ge=0)
-
-
-class AttentionResponse(BaseModel):
-    tokens: list[TokenInfo]
-    n_layer: int
-    n_head: int
-    layer: int
-    head: int
-    weights: list[list[float]] = Field(description="T x T: row i is how token i spreads its attention.")
-
-
-class LensRequest(BaseModel):
-    model_config = STRICT
-
-    text: StrictStr = Field(max_length=MAX_EXPLORER_TEXT)
-    k: StrictInt = Field(default=3, ge=1, le=20)
-
-
-class LensLayer(BaseModel):
-    layer: int = Field(description="0 = the embeddings, i = after block i.")
-    tokens: list[Candidate]
-
-
-class LensResponse(BaseModel):
-    tokens: list[TokenInfo]
-    layers: list[LensLayer]
-
-
 class APIError(Exception):
     """An error answered as ErrorResponse with `status` (raised anywhere in the server).
 
