@@ -106,10 +106,13 @@ class CausalSelfAttention(nn.Module):
                 rows = torch.arange(B, device=x.device)
                 k_cache[rows, :, start] = k[:, :, 0]  # row b's key at its own position start[b]
                 v_cache[rows, :, start] = v[:, :, 0]
-                att = (q @ k_cache.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_size))  # (B, nh, 1, L)
-                att = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
-                y = (att @ v_cache).transpose(1, 2).reshape(B, T, C)
-                return self.resid_dropout(self.c_proj(y))
+                if torch.compiler.is_compiling():
+                    att = (q @ k_cache.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_size))  # (B, nh, 1, L)
+                    att = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
+                    y = att @ v_cache  # (B, nh, 1, hs)
+                else:  # eager: one fused kernel beats three small ones (and their thread syncs)
+                    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=attn_mask)
+                return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
             k_cache[:, :, start : start + T] = k
             v_cache[:, :, start : start + T] = v
             k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, nh, L, hs)
