@@ -165,3 +165,25 @@ def test_requests_joining_a_running_batch_get_what_they_get_alone(pair, server) 
     thread.join(60)
     assert r.json()["choices"][0]["text"] == complete(model, tok, PROMPTS[1], short)[0].text
     assert results["long"] == complete(model, tok, PROMPTS[0], long)[0].text
+
+
+def test_usage_counts_tokens_up_to_the_stop_string(pair, server) -> None:
+    """Two choices of 20 tokens, one ended early by a stop string: usage counts the tokens the
+    text came from (up to the one completing the stop string), not 40."""
+    model, tok = pair
+    config = SamplingConfig(max_new_tokens=20, temperature=0, logit_bias={"50256": -100})
+    first, second = complete(model, tok, PROMPTS[:2], config)
+    # A stop string from the middle of the first choice's text that the second never produces.
+    stop = next(
+        first.text[i : i + 3]
+        for i in range(2, len(first.text) - 3)
+        if first.text[i : i + 3] not in second.text and first.text[i : i + 3] not in first.text[:i]
+    )
+    done = complete(model, tok, PROMPTS[:2], config.replace(stop=stop))
+    assert done[0].finish_reason == "stop" and len(done[0].token_ids) < 20
+    assert done[1].finish_reason == "length" and len(done[1].token_ids) == 20
+    body = {**wire(config, PROMPTS[:2]), "stop": stop}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    usage = r.json()["usage"]
+    assert usage["completion_tokens"] == len(done[0].token_ids) + 20 < 40
+    assert [c["text"] for c in r.json()["choices"]] == [c.text for c in done]

@@ -4,6 +4,7 @@ and the server keeps serving afterwards."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -153,6 +154,67 @@ def test_chunked_body_over_the_limit(server) -> None:
     check_error(r, 413, None)
 
 
+def raw_exchange(url: str, head: bytes, body_parts) -> bytes:
+    """Send a whole request over a plain socket before reading, then read to the server's close.
+
+    A reset instead of a close raises ConnectionResetError here, as it does in any client.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head)
+        for part in body_parts:
+            sock.sendall(part)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[str, str], dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+TEN_MB = b'{"model": "tiny", "prompt": "' + b"a" * 10_000_000 + b'"}'
+
+
+def test_10mb_body_gets_a_readable_413_and_a_clean_close(server) -> None:
+    """The client writes all 10 MB before it reads: the 413 must still be there to read."""
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {len(TEN_MB)}\r\n\r\n".encode()
+    status, headers, body = parse_response(raw_exchange(server.url, head, [TEN_MB]))
+    assert status == 413
+    assert headers["connection"] == "close"
+    assert body["error"]["code"] == "request_too_large"
+    still_serving(server)
+
+
+def test_10mb_chunked_body_gets_a_readable_413(server) -> None:
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    step = 1 << 20
+    parts = [
+        b"%x\r\n%s\r\n" % (len(p), p) for p in (TEN_MB[i : i + step] for i in range(0, len(TEN_MB), step))
+    ]
+    status, headers, body = parse_response(raw_exchange(server.url, head, [*parts, b"0\r\n\r\n"]))
+    assert status == 413 and headers["connection"] == "close"
+    assert body["error"]["code"] == "request_too_large"
+
+
+def test_huge_declared_body_is_refused_without_reading_it(server) -> None:
+    """Past the drain bound the server answers at once; it never reads a 10 GB body."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000000\r\n\r\n")
+        sock.sendall(b"a" * 100_000)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    status, headers, _ = parse_response(received)
+    assert status == 413 and headers["connection"] == "close"
+    still_serving(server)
+
+
 def test_wrong_method_and_path(server) -> None:
     check_error(httpx.get(f"{server.url}/v1/completions"), 405, None)
     check_error(httpx.post(f"{server.url}/v1/chat/nothing", json=OK), 404, None)
@@ -191,6 +253,7 @@ def test_429_when_the_queue_is_full(model_dir) -> None:
                 next(stream.iter_lines())  # the blocker is running (its first token came from the prefill)
                 r = httpx.post(f"{s.url}/v1/completions", json=OK, timeout=60)
                 check_error(r, 429, None)
+                assert int(r.headers["retry-after"]) >= 1
                 gate.set()
         finally:
             gate.set()

@@ -87,55 +87,6 @@ def tiny_args(data: Path, out: Path, **overrides) -> list[str]:
     return args
 
 
-# --- configuration ----------------------------------------------------------------------------
-
-
-def test_config_file_then_overrides(tmp_path: Path) -> None:
-    path = tmp_path / "run.toml"
-    path.write_text('n_layer = 3\nlr = 1e-3\ndevice = "cpu"\ncompile = false\n')
-    cfg = TrainConfig.load(path, overrides=["lr=3e-4", "max_steps=7", "init_from=runs/x/final"])
-    assert (cfg.n_layer, cfg.lr, cfg.max_steps, cfg.device, cfg.init_from) == (
-        3,
-        3e-4,
-        7,
-        "cpu",
-        "runs/x/final",
-    )
-    again = tmp_path / "again.toml"
-    again.write_text(cfg.to_toml())
-    assert TrainConfig.load(again) == cfg
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["n_layr=2"], "unknown key 'n_layr' in config; did you mean 'n_layer'"),
-        (["max_steps=abc"], "max_steps must be an integer"),
-        (["lr=-1"], "lr must be a finite number > 0"),
-        (["batch_size=0"], "batch_size must be a positive integer"),
-        (["n_embd=100", "n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
-        (["dtype=fp8"], "dtype must be one of"),
-        (["compile=maybe"], "compile must be true or false"),
-        (["beta2=1.5"], "beta2 must be in [0, 1)"),
-        (["noequals"], "--set expects key=value"),
-    ],
-)
-def test_config_errors_name_the_key(overrides: list[str], message: str) -> None:
-    with pytest.raises(ConfigError) as e:
-        TrainConfig.load(overrides=overrides)
-    assert message in str(e.value)
-    assert "\n" not in str(e.value)
-
-
-def test_config_file_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="config file not found"):
-        TrainConfig.load(tmp_path / "missing.toml")
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[model]\nn_layer = 2\n")
-    with pytest.raises(ConfigError, match="tables are not supported"):
-        TrainConfig.load(bad)
-
-
 # --- schedule, optimizer groups, batches ---------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ TASKS = ("perplexity", "lambada", "multiple-choice", "generate")
 EXAMPLE = """examples:
   gpt2kit eval --model gpt2 --task perplexity --data wiki.txt --stride 512 --output ppl.json
   gpt2kit eval --model gpt2 --task lambada --data lambada_test.jsonl --output lambada.json
+  gpt2kit eval --model gpt2 --task lambada --data lambada_test.jsonl --target token   # the paper's scoring
   gpt2kit eval --model gpt2 --task multiple-choice --data hellaswag_val.jsonl --limit 500
   gpt2kit eval --model gpt2 --task generate --data qa_sample --shots 3 --seed 1
   gpt2kit eval --model gpt2 --task lambada --data lambada_sample   # a bundled sample task
@@ -55,6 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="perplexity: window stride S, 1..context C; S < C overlaps windows (Hugging Face's sliding "
         "window), S = C scores disjoint blocks of C tokens (lm-eval-harness's rolling windows); "
         "None = C/2",
+    )
+    p.add_argument(
+        "--target",
+        choices=["word", "token"],
+        default=None,
+        help="lambada: word = greedy decoding must produce the whole last word (lm-eval-harness); "
+        "token = the top prediction must be the passage's final BPE token (the GPT-2 paper); None = word",
     )
     p.add_argument(
         "--shots", type=int, default=None, help="few-shot examples in each prompt (JSONL tasks); None = 0"
@@ -173,6 +181,8 @@ def check_flags(args: argparse.Namespace) -> None:
             )
     elif args.stride is not None:
         raise ConfigError(f"--stride: only for --task perplexity, not --task {args.task}; drop it")
+    if args.target is not None and args.task != "lambada":
+        raise ConfigError(f"--target: only for --task lambada, not --task {args.task}; drop it")
 
 
 def check_output(output: str | None) -> None:
@@ -272,7 +282,8 @@ def evaluate(
     if args.task == "lambada":
         from gpt2kit.evals.lambada import evaluate_lambada
 
-        return evaluate_lambada(model, tokenizer, data, **common)
+        settings["target"] = args.target or "word"
+        return evaluate_lambada(model, tokenizer, data, target=settings["target"], **common)
     if args.task == "multiple-choice":
         from gpt2kit.evals.multiple_choice import evaluate_multiple_choice
 

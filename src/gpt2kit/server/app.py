@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpt2kit.engine import DecodeStep
+from gpt2kit.errors import TokenizerError
 from gpt2kit.model import GPT2
 from gpt2kit.server.completions import Context, Limits, complete, start_stream
 from gpt2kit.server.explorer_routes import explorer_router
@@ -32,10 +33,15 @@ from gpt2kit.server.protocol import (
     APIError,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     Health,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
 )
 from gpt2kit.server.worker import Worker
 from gpt2kit.tokenizer import Tokenizer
@@ -43,14 +49,19 @@ from gpt2kit.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-PROTECTED = ("/v1/", "/api/")  # paths that need the API key when one is set
+# Paths that need the API key when one is set: all but /health, the page and the API docs.
+PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize", "/tokenizer_info")
+# An over-limit body is read and thrown away up to this many bytes before the 413 is sent,
+# so a client that sends its whole body before reading still gets the answer (closing on
+# unread data makes the kernel send a reset that destroys the unread response).
+DRAIN_BYTES = 32 * 2**20
 ERRORS = {
     code: {"model": ErrorResponse, "description": desc}
     for code, desc in [
         (400, "invalid request (the error names the field)"),
         (401, "missing or wrong API key"),
         (413, "request body too large"),
-        (429, "too many requests in flight"),
+        (429, "too many requests in flight (with a Retry-After header)"),
     ]
 }
 
@@ -140,6 +151,60 @@ def create_app(
 
     app.include_router(explorer_router(model, tokenizer), dependencies=bearer, responses=ERRORS)
 
+    @app.get(
+        "/tokenizer_info",
+        response_model=TokenizerInfoResponse,
+        responses=ERRORS,
+        dependencies=bearer,
+        tags=["tokenizer"],
+    )
+    def tokenizer_info() -> JSONResponse:
+        """The tokenizer's configuration, as vLLM serves it (lm-eval's tokenizer_backend=remote)."""
+        info = _tokenizer_info(tokenizer, model)
+        # chat_template is left out rather than null: clients test for its presence.
+        return JSONResponse(
+            info.model_dump(exclude={"chat_template"} if info.chat_template is None else None)
+        )
+
+    @app.post(
+        "/tokenize",
+        response_model=TokenizeResponse,
+        responses=ERRORS,
+        dependencies=bearer,
+        tags=["tokenizer"],
+    )
+    def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """Text -> token ids, as vLLM's /tokenize; `<|endoftext|>` in the text is the special token."""
+        _check_model(body.model, model_name)
+        try:
+            ids = tokenizer.encode(body.prompt, allowed_special="all")
+        except TokenizerError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        return TokenizeResponse(
+            count=len(ids),
+            max_model_len=model.config.n_positions,
+            tokens=ids,
+            token_strs=tokenizer.decode_tokens(ids) if body.return_token_strs else None,
+        )
+
+    @app.post(
+        "/detokenize",
+        response_model=DetokenizeResponse,
+        responses=ERRORS,
+        dependencies=bearer,
+        tags=["tokenizer"],
+    )
+    def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        """Token ids -> text, as vLLM's /detokenize (a cut UTF-8 character becomes U+FFFD)."""
+        _check_model(body.model, model_name)
+        n = tokenizer.n_vocab
+        bad = next((i for i in body.tokens if not 0 <= i < n), None)
+        if bad is not None:
+            raise APIError(
+                400, f"token id {bad} in tokens is outside the vocabulary [0, {n})", param="tokens"
+            )
+        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
@@ -177,13 +242,37 @@ def _eos(tokenizer: Tokenizer, model: GPT2) -> int:
     return tokenizer.special_tokens.get("<|endoftext|>", model.config.eos_token_id)
 
 
+def _check_model(name: str | None, served: str) -> None:
+    if name is not None and name != served:
+        raise APIError(
+            404,
+            f"model {name!r} is not served here; use {served!r} or omit model (see GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _tokenizer_info(tokenizer: Tokenizer, model: GPT2) -> TokenizerInfoResponse:
+    """GPT-2's tokenizer_config.json keys: <|endoftext|> is its bos, eos and unk token; no pad."""
+    eos_id = _eos(tokenizer, model)
+    eos = next((t for t, i in tokenizer.special_tokens.items() if i == eos_id), None)
+    return TokenizerInfoResponse(
+        tokenizer_class="GPT2Tokenizer",
+        eos_token=eos,
+        bos_token=eos,
+        pad_token=None,
+        unk_token=eos,
+        model_max_length=model.config.n_positions,
+    )
+
+
 # --- errors ------------------------------------------------------------------------------
 
 
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -226,7 +315,7 @@ def _validation_error(errors: list[dict]) -> APIError:
 
 
 def _json_error(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 class Guard:
@@ -234,18 +323,32 @@ class Guard:
 
     The body is read here (at most `max_body_bytes`) so an oversized request is refused
     without buffering it, and invalid UTF-8 gets a clear 400 instead of a parse error.
+    An oversized body is read on and thrown away, up to `max_drain_bytes` in all, before
+    the 413 goes out with `Connection: close`: a client that writes its whole body before
+    reading (most do) then reads the answer, and the connection ends with a normal close
+    instead of a reset. A body declared or found larger than that gets the 413 at once.
     """
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        max_drain_bytes: int = DRAIN_BYTES,
+    ) -> None:
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.max_drain_bytes = max(max_drain_bytes, max_body_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        declared = int(length) if length is not None and length.isdigit() else None
         if self.api_key and scope["path"].startswith(PROTECTED):
             given = headers.get(b"authorization", b"")
             expected = f"Bearer {self.api_key}".encode()
@@ -256,16 +359,22 @@ class Guard:
                     f"API key {what}; send the header 'Authorization: Bearer <key>'",
                     type="invalid_request_error",
                     code="invalid_api_key",
+                    headers={"Connection": "close"},
                 )
+                # A body the key would have allowed is read first, for the reason above.
+                if declared is None or declared <= self.max_body_bytes:
+                    await _drain(receive, limit=self.max_body_bytes)
                 await _json_error(err)(scope, receive, send)
                 return
         too_big = APIError(
             413,
             f"request body exceeds {self.max_body_bytes} bytes; send a smaller request",
             code="request_too_large",
+            headers={"Connection": "close"},
         )
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+        if declared is not None and declared > self.max_body_bytes:
+            if declared <= self.max_drain_bytes:
+                await _drain(receive, limit=self.max_drain_bytes)
             await _json_error(too_big)(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -279,6 +388,8 @@ class Guard:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_body_bytes:
+                if more:
+                    await _drain(receive, limit=self.max_drain_bytes - size)
                 await _json_error(too_big)(scope, receive, send)
                 return
         body = b"".join(chunks)
@@ -298,3 +409,13 @@ class Guard:
             return await receive()  # later calls wait for the client to disconnect
 
         await self.app(scope, replay, send)
+
+
+async def _drain(receive: Receive, *, limit: int) -> None:
+    """Read and discard the rest of a request body, at most `limit` bytes of it."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))

@@ -183,8 +183,60 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+# --- the tokenizer endpoints (vLLM's; lm-eval's tokenizer_backend=remote uses them) -------
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: text -> token ids, as vLLM's TokenizeCompletionRequest."""
+
+    model_config = STRICT
+
+    model: StrictStr | None = Field(default=None, description="If given, must be the served name.")
+    prompt: StrictStr = Field(description="The text; <|endoftext|> in it is the special token.")
+    add_special_tokens: StrictBool = Field(
+        default=True, description="Accepted for vLLM compatibility; GPT-2 adds no BOS/EOS either way."
+    )
+    return_token_strs: StrictBool | None = Field(default=False, description="Also return each token's text.")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids -> text, as vLLM's DetokenizeRequest."""
+
+    model_config = STRICT
+
+    model: StrictStr | None = Field(default=None, description="If given, must be the served name.")
+    tokens: list[StrictInt] = Field(description="Token ids, each in [0, vocabulary size).")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """GET /tokenizer_info: the tokenizer's configuration, the keys of tokenizer_config.json."""
+
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    model_max_length: int
+    add_prefix_space: bool = False
+    chat_template: str | None = Field(default=None, description="Omitted: GPT-2 models have none.")
+
+
+RETRY_AFTER_S = 1  # seconds a 429 asks the client to wait: a slot frees as soon as any row finishes
+
+
 class APIError(Exception):
-    """An error answered as ErrorResponse with `status` (raised anywhere in the server).
+    """An error answered as ErrorResponse with `status` and `headers` (raised anywhere in the server).
 
     >>> APIError(400, "n must be <= 16; ask for fewer choices", param="n").status
     400
@@ -198,10 +250,14 @@ class APIError(Exception):
         param: str | None = None,
         type: str = "invalid_request_error",
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+        # A 429 always tells the client when to come back (RFC 9110, Retry-After).
+        self.headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else {}
+        self.headers.update(headers or {})
 
     def body(self) -> dict:
         return ErrorResponse(error=self.detail).model_dump()
