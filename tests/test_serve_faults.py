@@ -62,7 +62,7 @@ class Server:
             "--model-name",
             MODEL_NAME,
         ]
-        cmd += ["--port", str(self.port), "--threads", "1", "--max-pending", str(MAX_PENDING)]
+        cmd += ["--port", str(self.port), "--threads", "1", "--max-pending", str(MAX_PENDING), "--no-compile"]
         cmd += ["--max-batch-size", str(16 * MAX_PENDING)]  # every row of every slot decodes at once
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120

@@ -302,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
         from gpt2kit.quantize import quantize_int8
 
         quantize_int8(model)
+    if args.compile:
+        prepare_compiled_step(model, rows=config.n)
     if args.interactive:
         from gpt2kit.cli._repl import prompt_loop
 
@@ -311,6 +313,16 @@ def run(args: argparse.Namespace) -> int:
     if args.n > 1 or args.logprobs is not None:
         return _samples(args, config, model, tokenizer, device)
     return _stream(args, config, model, tokenizer, device)
+
+
+def prepare_compiled_step(model, *, rows: int):
+    """Build (first time, with progress on stderr) or load the compiled step for `rows` rows;
+    `generate`/`complete` then find it loaded. A failed build is a one-line ConfigError."""
+    from gpt2kit.cli._progress import Ticker
+    from gpt2kit.compiled import compiled_step
+
+    with Ticker("compiled step") as tick:
+        return compiled_step(model, slots=rows, max_len=model.config.n_positions, build=True, progress=tick)
 
 
 def stream_completion(model, tokenizer, prompt: str, config, args: argparse.Namespace) -> tuple[int, float]:
