@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from gpt2kit.beam import check_length_penalty
-from gpt2kit.compiled import cache_length, compiled_decoder
+from gpt2kit.compiled import compiled_step
 from gpt2kit.errors import ConfigError
 from gpt2kit.model import GPT2, KVCache, use_decode_layout
 from gpt2kit.processors import History, LogitsPipeline, build_pipeline
@@ -171,8 +171,9 @@ def decode_steps(
 
     Stops after `max_new_tokens`, at the context limit, or when every row has produced
     `eos_token_id` (the model's <|endoftext|> by default; -1 never stops early).
-    `compile=True` runs each step as one compiled graph (`gpt2kit.compiled`): a minute
-    of compiling first, then up to ~1.4x faster steps; finished rows are then kept.
+    `compile=True` runs each step as a compiled step (`gpt2kit.compiled`), built once per
+    model and machine (minutes) and loaded from the step cache after; finished rows are
+    then kept.
     """
     device = model.wte.weight.device
     if device.type == "cpu":
@@ -185,12 +186,8 @@ def decode_steps(
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     B, T = input_ids.shape
     generators = make_generators(seed, B, device)
-    cache_len = T + max_new
-    decoder = None
-    if compile:
-        decoder = compiled_decoder(model)
-        cache_len = cache_length(cache_len, model.config.n_positions)
-    cache = KVCache.allocate(model.config, B, cache_len, device=device, dtype=model.wte.weight.dtype)
+    cache = KVCache.allocate(model.config, B, T + max_new, device=device, dtype=model.wte.weight.dtype)
+    decoder = compiled_step(model, slots=B, max_len=T + max_new, build=True) if compile else None
     input_ids = input_ids.to(device)
     mask = attention_mask.to(device) if attention_mask is not None else None
     history = None
@@ -201,7 +198,10 @@ def decode_steps(
         )
         history.ids[:, :T] = input_ids
         history.valid[:, :T] = mask.bool() if mask is not None else True
-    logits = model(input_ids, attention_mask=mask, kv_cache=cache, last_only=True).logits[:, -1]
+    if decoder is None:
+        logits = model(input_ids, attention_mask=mask, kv_cache=cache, last_only=True).logits[:, -1]
+    else:  # rows from position 0 (right-padded), each then at its own position
+        positions, logits = _prefill_rows(model, input_ids, mask, cache)
     active = torch.arange(B, device=device)  # original row of each cache row
     active_rows = list(range(B))
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per original row
@@ -243,9 +243,22 @@ def decode_steps(
                 token = token[keep]
         if step + 1 < max_new:
             if decoder is not None:
-                logits = decoder.step(token[:, None], cache)
+                logits = decoder(token[:, None], positions, cache.k, cache.v)
+                positions += 1
             else:
                 logits = model(token[:, None], kv_cache=cache, last_only=True).logits[:, -1]
+
+
+def _prefill_rows(
+    model: GPT2, input_ids: Tensor, mask: Tensor | None, cache: KVCache
+) -> tuple[Tensor, Tensor]:
+    """Prefill left-padded prompts with each row's tokens moved to position 0 (the decode
+    step's layout); returns each row's next position and its next-token logits."""
+    B, T = input_ids.shape
+    lengths = mask.sum(dim=1) if mask is not None else torch.full((B,), T, device=input_ids.device)
+    shift = (torch.arange(T, device=input_ids.device) + (T - lengths)[:, None]) % T  # (B, T)
+    h = model.prefill(input_ids.gather(1, shift), cache.k, cache.v)  # (B, T, C)
+    return lengths, model.logits(h[torch.arange(B, device=h.device), lengths - 1])
 
 
 def _scatter(values: Tensor, active: Tensor, B: int, fill: float) -> Tensor:
