@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from gpt2kit.engine import SlotCache
+from gpt2kit.engine import SlotCache, step_for
 from gpt2kit.errors import ConfigError
 from gpt2kit.model import GPT2, use_decode_layout
 from gpt2kit.processors import History, penalise
@@ -55,12 +55,14 @@ def beam_search(
     eos_token_id: int | None = None,
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
+    compile: bool | None = None,
 ) -> Tensor:
     """Best beam per prompt: [B, T + new] ids, shorter results padded with eos (as `transformers`).
 
     `input_ids` [B, T], left-padded when `attention_mask` is given; prompts longer than the
     context keep their last tokens. `repetition_penalty` and `no_repeat_ngram_size` edit the
-    beams' log-probabilities as in `transformers`.
+    beams' log-probabilities as in `transformers`. `compile` as in `generate`: the beams
+    decode with the engine's compiled step when one is saved (or built, with True).
     """
     if early_stopping not in (True, False, "never"):
         raise ConfigError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
@@ -106,7 +108,9 @@ def beam_search(
     batch_offset = torch.arange(B, device=device)[:, None] * K
 
     lengths = [len(p) for p in prompts for _ in range(K)]  # real prompt length of each row
-    cache = SlotCache(model, slots=B * K, max_len=max(lengths) + max_new)
+    max_len = max(lengths) + max_new
+    step = step_for(model, slots=B * K, max_len=max_len, compile=compile)
+    cache = SlotCache(model, slots=B * K, max_len=max_len, step=step)
     _, logits = cache.prefill(0, [p for p in prompts for _ in range(K)])
     cur = T
     while True:

@@ -151,7 +151,7 @@ def compiled_step(
 
     phase = _Phases(progress)
     folder = stepcache.steps_folder(Path(cache_dir) if cache_dir is not None else None)
-    description = stepcache.describe(model, code_files=(__file__,))
+    description = _describe(model)
     key = stepcache.key_of(description)
     for attempt in range(2):
         entry = stepcache.find(folder, key, slots)
@@ -175,6 +175,21 @@ def compiled_step(
         phase.done()
         return step
     return None
+
+
+# The key of each model seen, with the weights' state it was computed for: generate() asks for
+# a saved step on every call, and hashing gpt2's weights again each time would cost ~0.3 s.
+_DESCRIBED: weakref.WeakKeyDictionary[nn.Module, tuple[list, dict]] = weakref.WeakKeyDictionary()
+
+
+def _describe(model: GPT2) -> dict:
+    state = _weights_state(model)
+    seen = _DESCRIBED.get(model)
+    if seen is not None and seen[0] == state:
+        return seen[1]
+    description = stepcache.describe(model, code_files=(__file__,))
+    _DESCRIBED[model] = (state, description)
+    return description
 
 
 def missing_toolchain(device: torch.device | str = "cpu") -> str | None:

@@ -32,6 +32,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from gpt2kit.compiled import compiled_step
 from gpt2kit.errors import ConfigError
 from gpt2kit.model import GPT2, use_decode_layout
 from gpt2kit.processors import History, next_tokens
@@ -465,3 +466,11 @@ class Engine:
         """Feed each running row its last token at its own position; keep the logits."""
         positions = [len(r.prompt) + len(r.tokens) - 1 for r in self.rows]
         self.logits = self.cache.decode([r.tokens[-1] for r in self.rows], positions)
+
+
+def step_for(model: GPT2, *, slots: int, max_len: int, compile: bool | None) -> DecodeStep | None:
+    """The compiled step for `compile` (None: a saved one if any; True: built if needed; False:
+    none), or None for the eager step."""
+    if compile is False:
+        return None
+    return compiled_step(model, slots=slots, max_len=max_len, build=compile is True)

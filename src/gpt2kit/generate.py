@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from gpt2kit.beam import beam_search
-from gpt2kit.engine import DecodeStep, Engine, Row
+from gpt2kit.engine import Engine, Row, step_for
 from gpt2kit.errors import ConfigError
 from gpt2kit.model import GPT2
 from gpt2kit.prompts import fit_prompt, left_pad, prompt_list, token_ids, unpad
@@ -97,6 +97,7 @@ def generate(
             eos_token_id=eos,
             repetition_penalty=config.repetition_penalty,
             no_repeat_ngram_size=config.no_repeat_ngram_size,
+            compile=compile,
         )
         new = [row[ids.shape[1] :] for row in out.tolist()]
     else:
@@ -158,12 +159,3 @@ def start(
         for j in range(config.n)
     ]
     return engine, rows
-
-
-def step_for(model: GPT2, *, slots: int, max_len: int, compile: bool | None) -> DecodeStep | None:
-    """The compiled step to use (see `generate`'s `compile`), or None for the eager one."""
-    if compile is False:
-        return None
-    from gpt2kit.compiled import compiled_step
-
-    return compiled_step(model, slots=slots, max_len=max_len, build=compile is True)

@@ -264,8 +264,6 @@ def _check_combinations(args: argparse.Namespace) -> None:
 
     beams = args.num_beams > 1
     rich = "--n" if args.n > 1 else "--logprobs" if args.logprobs is not None else None
-    if beams and args.compile:
-        raise ConfigError("--compile is for sampling and greedy search; drop it for --num-beams")
     if beams and rich:
         raise ConfigError(f"{rich} works with sampling and greedy search, not --num-beams; drop one")
     if args.interactive and (beams or rich):
@@ -303,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
 
         quantize_int8(model)
     if args.compile:
-        prepare_compiled_step(model, rows=config.n)
+        prepare_compiled_step(model, rows=max(config.n, args.num_beams))
     if args.interactive:
         from gpt2kit.cli._repl import prompt_loop
 
@@ -437,6 +435,7 @@ def _beam(args: argparse.Namespace, config, model, tokenizer) -> int:
         num_beams=args.num_beams,
         length_penalty=args.length_penalty,
         eos_token_id=eos,
+        compile=args.compile,
     )
     dt = time.perf_counter() - t0
     new = out[0][len(prompt) :]
