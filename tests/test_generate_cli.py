@@ -23,7 +23,9 @@ EOT = 50256
 
 
 def gen(capsys: pytest.CaptureFixture[str], model: Path, *args: str) -> tuple[int, str, str]:
-    return run_main(capsys, "generate", "--model", str(model), *args)
+    # float32: outputs are compared with the library's, which keeps the checkpoint's dtype
+    # (--dtype auto would pick bf16 on a CPU with native bf16).
+    return run_main(capsys, "generate", "--model", str(model), "--dtype", "float32", *args)
 
 
 # --- devices --------------------------------------------------------------------------------
