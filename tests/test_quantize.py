@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import copy
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -25,6 +29,7 @@ from gpt2kit.quantize import METHODS, SCHEMES, pick_scheme, quantize_int8
 from gpt2kit.train import train
 from gpt2kit.trainconfig import TrainConfig
 from test_cli_basic import gpt2kit, run_main
+from test_server_cli import free_port
 from test_train import make_data
 
 # The perplexity change allowed on held-out text, relative, for the model trained below: 0.5%.
@@ -289,3 +294,42 @@ def test_copy_of_quantized_model_is_independent() -> None:
     ids = torch.randint(0, 96, (1, 8))
     with torch.no_grad():
         assert torch.equal(twin(ids).logits, model(ids).logits)
+
+
+def test_serve_int8(tiny_hf_dir: Path) -> None:
+    port = free_port()
+    command = [
+        "serve",
+        "--model",
+        str(tiny_hf_dir),
+        "--port",
+        str(port),
+        "--quantize",
+        "int8",
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpt2kit", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        body = {"model": tiny_hf_dir.name, "prompt": "Hi", "max_tokens": 3, "seed": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    scheme, why = pick_scheme("cpu")
+    assert f"[quantize int8: {scheme} ({why})]" in err and "[dtype auto: " in err, err
