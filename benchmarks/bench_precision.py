@@ -47,7 +47,8 @@ FLAGS = ("avx2", "avx512_f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile
 
 
 def machine() -> str:
-    import torchao
+    from importlib.metadata import version
+
     import transformers
 
     from gpt2kit.device import cpu_features
@@ -57,7 +58,7 @@ def machine() -> str:
     flags = " ".join(f for f in FLAGS if features.get(f))
     return (
         f"machine: {name}, {features.get('num_physical_cores', '?')} cores, {torch.get_num_threads()} threads; "
-        f"flags: {flags}\nsoftware: torch {torch.__version__}, torchao {torchao.__version__}, "
+        f"flags: {flags}\nsoftware: torch {torch.__version__}, torchao {version('torchao')}, "
         f"transformers {transformers.__version__}, python {platform.python_version()}"
     )
 
@@ -82,7 +83,9 @@ class OurStep:
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(c.n_layer)]
         self.idx = torch.randint(0, 50257, (batch, 1))
         self.pos = torch.full((batch,), cache // 2)
-        self.fn = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if compiled else model.decode_step
+        self.fn = (
+            torch.compile(model.decode_step, fullgraph=True, dynamic=False) if compiled else model.decode_step
+        )
 
     def __call__(self) -> None:
         with torch._inductor.config.patch(INDUCTOR):
@@ -109,7 +112,9 @@ def speed(args: argparse.Namespace) -> None:
 
     torch._dynamo.config.recompile_limit = 64  # one compiled decode_step per model and batch size
     print(machine())
-    print(f"model: GPT-2 124M random weights; cache {args.cache} positions; {args.steps} steps x {args.repeats} rounds")
+    print(
+        f"model: GPT-2 124M random weights; cache {args.cache} positions; {args.steps} steps x {args.repeats} rounds"
+    )
     runs: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as d, torch.inference_mode():
         hf = random_gpt2(Path(d))
@@ -137,7 +142,7 @@ def speed(args: argparse.Namespace) -> None:
                 for _ in range(args.steps):
                     step()
                 rates[key].append(batch * args.steps / (time.perf_counter() - t0))
-    print(f"\n| run | batch | tok/s best | tok/s median | vs transformers fp32 | vs gpt2kit fp32 compiled |")
+    print("\n| run | batch | tok/s best | tok/s median | vs transformers fp32 | vs gpt2kit fp32 compiled |")
     print("|---|---|---|---|---|---|")
     for key, r in rates.items():
         label, batch = key.rsplit(" B=", 1)
@@ -171,13 +176,17 @@ def quality(args: argparse.Namespace) -> None:
         s = split_loss(model, data, "val", block_size=model.config.n_positions)
         ppl = math.exp(s["loss"])
         base = base or ppl
-        print(f"| {name} | {s['loss']:.4f} | {ppl:.3f} | {s['bits_per_byte']:.4f} | {100 * (ppl / base - 1):+.2f}% |")
+        print(
+            f"| {name} | {s['loss']:.4f} | {ppl:.3f} | {s['bits_per_byte']:.4f} | {100 * (ppl / base - 1):+.2f}% |"
+        )
 
     text = data.tokenizer().decode(data.tokens("val").tolist())
     gpt2 = Tokenizer.gpt2()
     ids = gpt2.encode_ordinary(text)[: args.random_tokens]
     text = gpt2.decode(ids)
-    print(f"\nrandom gpt2 (124M): the first {len(ids)} GPT-2 tokens of the same val split, 1024-token windows")
+    print(
+        f"\nrandom gpt2 (124M): the first {len(ids)} GPT-2 tokens of the same val split, 1024-token windows"
+    )
     print("| precision | perplexity | perplexity vs float32 |")
     print("|---|---|---|")
     base = None
@@ -199,8 +208,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--quality", default=None, metavar="RUN_DIR", help="instead: perplexity of each precision")
-    ap.add_argument("--random-tokens", type=int, default=16384, help="--quality: tokens the random gpt2 scores")
+    ap.add_argument(
+        "--quality", default=None, metavar="RUN_DIR", help="instead: perplexity of each precision"
+    )
+    ap.add_argument(
+        "--random-tokens", type=int, default=16384, help="--quality: tokens the random gpt2 scores"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
