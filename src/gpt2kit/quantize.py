@@ -26,6 +26,7 @@ The quality cost is a perplexity delta, measured in benchmarks/README.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -90,7 +91,8 @@ def quantize_int8(model: GPT2, *, scheme: str | None = None) -> str:
     head = nn.Linear(wte.shape[1], model.config.vocab_size, bias=False, device=device, dtype=wte.dtype)
     head.weight.copy_(wte[: model.config.vocab_size])
     model.lm_head = head
-    ao.quantize_(model, config, filter_fn=_is_quantized, device=device)
+    with _quiet_torchao():
+        ao.quantize_(model, config, filter_fn=_is_quantized, device=device)
     model.quantization = scheme
     model.eval()
     return scheme
@@ -100,19 +102,27 @@ def _is_quantized(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear) and (name.startswith("h.") or name == "lm_head")
 
 
-def _torchao():
-    """torchao.quantization, imported quietly: torchao logs a warning for each CUDA-only
-    extension a CPU build of torch can't load, and torch one about torchao's enums; neither
-    concerns the int8 schemes used here."""
+@contextlib.contextmanager
+def _quiet_torchao():
+    """torchao logs a warning for each CUDA-only extension a CPU build of torch can't load,
+    and torch one for each of torchao's enums it registers (on import and on first use);
+    neither concerns the int8 schemes used here."""
     quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [q.level for q in quiet]
     try:
         for q in quiet:
             q.setLevel(logging.ERROR)
-        import torchao.quantization
-    except ImportError:
-        raise ConfigError("int8 quantization needs torchao: pip install 'torchao>=0.18'") from None
+        yield
     finally:
         for q, level in zip(quiet, levels, strict=True):
             q.setLevel(level)
+
+
+def _torchao():
+    """torchao.quantization, or a ConfigError saying how to install it."""
+    try:
+        with _quiet_torchao():
+            import torchao.quantization
+    except ImportError:
+        raise ConfigError("int8 quantization needs torchao: pip install 'torchao>=0.18'") from None
     return torchao.quantization
