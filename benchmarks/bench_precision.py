@@ -96,15 +96,18 @@ class PeerStep:
     """transformers' one-token forward over a KV cache of `length` positions."""
 
     def __init__(self, hf, *, batch: int, length: int) -> None:
+        import inspect
+
         self.hf = hf
-        self.length = length
-        prompt = torch.randint(0, 50257, (batch, length))
-        self.cache = hf(prompt, use_cache=True).past_key_values
+        # transformers 5 renamed past_key_values to cache; 4.x knows only the old name.
+        self.key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+        out = hf(torch.randint(0, 50257, (batch, length)), use_cache=True)
+        self.cache = getattr(out, "cache", None) or out.past_key_values
         self.idx = torch.randint(0, 50257, (batch, 1))
 
     def __call__(self) -> None:
-        self.hf(self.idx, past_key_values=self.cache, use_cache=True)
-        self.cache.crop(self.length)
+        self.hf(self.idx, use_cache=True, **{self.key: self.cache})
+        self.cache.crop(-1)  # drop the token just added: every step sees `length` positions
 
 
 def speed(args: argparse.Namespace) -> None:
