@@ -89,13 +89,34 @@ def test_the_cli_offers_what_the_library_takes() -> None:
     assert QUANTIZE_CHOICES == METHODS == ("int8", *SCHEMES)
 
 
-def test_scheme_follows_the_cpu_int8_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dev, "cpu_int8", lambda: "AVX512-VNNI")
-    assert pick_scheme("cpu") == ("int8-dynamic", "this CPU has AVX512-VNNI")
-    monkeypatch.setattr(dev, "cpu_int8", lambda: None)
-    scheme, why = pick_scheme("cpu")
-    assert scheme == "int8-weight-only" and "no int8 dot-product instructions" in why
-    assert pick_scheme("cuda")[0] == "int8-weight-only"
+@pytest.mark.parametrize(
+    ("bf16", "int8", "dtype", "scheme", "why"),
+    [
+        ("AVX512-BF16", "AVX512-VNNI", torch.float32, "int8-dynamic", "this CPU has AVX512-VNNI"),
+        (
+            "AVX512-BF16",
+            "AVX512-VNNI",
+            torch.bfloat16,
+            "int8-weight-only",
+            "bfloat16 activations on a CPU with AVX512-BF16",
+        ),
+        (None, "AVX512-VNNI", torch.float32, "int8-dynamic", "this CPU has AVX512-VNNI"),  # Cascade Lake
+        (None, "AVX512-VNNI", torch.bfloat16, "int8-dynamic", "this CPU has AVX512-VNNI"),  # emulated bf16
+        ("AMX", "AMX-INT8", torch.bfloat16, "int8-weight-only", "bfloat16 activations on a CPU with AMX"),
+        (None, None, torch.float32, "int8-weight-only", "no int8 dot-product instructions"),
+        (None, None, torch.bfloat16, "int8-weight-only", "smaller, not faster than float32"),
+    ],
+)
+def test_scheme_follows_the_cpu_and_the_dtype(
+    monkeypatch: pytest.MonkeyPatch, bf16, int8, dtype: torch.dtype, scheme: str, why: str
+) -> None:
+    monkeypatch.setattr(dev, "cpu_bf16", lambda: bf16)
+    monkeypatch.setattr(dev, "cpu_int8", lambda: int8)
+    got, reason = pick_scheme("cpu", dtype)
+    assert got == scheme and why in reason, reason
+    assert pick_scheme("cuda", dtype)[0] == "int8-weight-only"
+    model = tiny_model().to(dtype)
+    assert quantize_int8(model) == scheme  # "int8" on the model's own device and dtype
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -229,6 +250,9 @@ def test_cli_prints_what_auto_and_int8_picked(
     code, out, err = run_main(capsys, *argv, "--temperature", "0", "--quantize", "int8")
     assert code == 0 and out.startswith("Hello"), err
     assert "[dtype auto: bfloat16 (this CPU has AMX)]" in err
+    assert "[quantize int8: int8-weight-only (bfloat16 activations on a CPU with AMX)]" in err
+    code, out, err = run_main(capsys, *argv, "--dtype", "float32", "--quantize", "int8")
+    assert code == 0 and "dtype auto" not in err
     assert "[quantize int8: int8-dynamic (this CPU has AMX-INT8)]" in err
     code, out, err = run_main(capsys, *argv, "--dtype", "float32")
     assert code == 0 and "dtype auto" not in err and "quantize" not in err
@@ -249,7 +273,7 @@ def test_cli_prints_this_machines_pick(tiny_hf_dir: Path) -> None:
     assert r.returncode == 0, r.stderr
     dtype, why = dev.auto_dtype("cpu")
     assert f"[dtype auto: {str(dtype).removeprefix('torch.')} ({why})]" in r.stderr
-    scheme, why = pick_scheme("cpu")
+    scheme, why = pick_scheme("cpu", dtype)
     assert f"[quantize int8: {scheme} ({why})]" in r.stderr
 
 
@@ -331,5 +355,5 @@ def test_serve_int8(tiny_hf_dir: Path) -> None:
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
-    scheme, why = pick_scheme("cpu")
+    scheme, why = pick_scheme("cpu", dev.auto_dtype("cpu")[0])
     assert f"[quantize int8: {scheme} ({why})]" in err and "[dtype auto: " in err, err

@@ -1,21 +1,26 @@
 """Int8 quantization (opt-in: `quantize="int8"`, `--quantize int8`) through torchao's schemes.
 
-Two schemes; `pick_scheme` chooses by hardware, `quantize_int8` applies one in place:
+Two schemes; `pick_scheme` chooses the faster one for the hardware and the model's dtype,
+`quantize_int8` applies one in place:
 
-- "int8-dynamic" (CPUs with int8 dot-product instructions: AVX512-VNNI, AVX-VNNI, AMX, Arm
-  dot product): int8 weights per output channel, and activations quantized per token at run
-  time, so the matrix products are int8 x int8 (`torch._int_mm`, which inductor turns into
-  VNNI/AMX micro-kernels). torchao's `Int8DynamicActivationInt8WeightConfig`.
-- "int8-weight-only" (everything else: CPUs without those instructions, CUDA, MPS): int8
-  weights, float activations. torchao's `Int8WeightOnlyConfig`. On a CPU it saves memory
-  but is not faster than float32.
+- "int8-dynamic": int8 weights per output channel, and activations quantized per token at
+  run time, so the matrix products are int8 x int8 (`torch._int_mm`, which inductor turns
+  into VNNI/AMX micro-kernels). torchao's `Int8DynamicActivationInt8WeightConfig`. Picked
+  for float32 models on CPUs with int8 dot products (AVX512-VNNI, AVX-VNNI, AMX, Arm dot).
+- "int8-weight-only": int8 weights, float activations. torchao's `Int8WeightOnlyConfig`.
+  Picked for bfloat16 models on CPUs with native bf16 (inductor's bf16 x int8 kernel), on
+  GPUs (unmeasured), and on CPUs without int8 dot products (there it saves memory but is
+  not faster than float32).
 
 What is quantized: the four Linear layers of every block and the output projection. GPT-2
 ties the output projection to the token embedding `wte`; quantizing gives it an untied int8
 copy, `model.lm_head` (`GPT2.logits` uses it), and `wte` stays float for the lookups.
-LayerNorms, biases and the position table stay float. Either way int8 pays only in the
-compiled decode step (`gpt2kit.compiled`); eager int8 runs its quantization as separate ops.
-The quality cost is a perplexity delta, measured in benchmarks/README.md.
+LayerNorms, biases and the position table stay float.
+
+int8 pays only in the compiled decode step (`gpt2kit.compiled`), where inductor fuses the
+quantization into its int8 kernels: 2-3x float32's tokens/s on gpt2. Eager, torchao runs
+it as separate ops and int8 is slower than float32 (benchmarks/README.md has both, and
+the quality cost: perplexity +0.02-0.05%).
 
 >>> model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10, n_positions=8))
 >>> quantize_int8(model, scheme="int8-weight-only")
@@ -42,8 +47,12 @@ SCHEMES = ("int8-dynamic", "int8-weight-only")
 METHODS = ("int8", *SCHEMES)  # what `quantize=` accepts: "int8" lets `pick_scheme` choose
 
 
-def pick_scheme(device: torch.device | str) -> tuple[str, str]:
-    """The int8 scheme for `device`, and why, in words.
+def pick_scheme(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+    """The faster int8 scheme for a model computing in `dtype` on `device`, and why, in words.
+
+    On a CPU, measured on the decode step (benchmarks/README.md): bf16 activations on a CPU
+    with native bf16 go fastest through inductor's bf16 x int8 kernel (weight-only); float32
+    activations through int8 x int8 products where the CPU has int8 dot products (dynamic).
 
     >>> pick_scheme("cuda")
     ('int8-weight-only', 'the dynamic scheme is for CPUs with int8 dot products')
@@ -51,12 +60,15 @@ def pick_scheme(device: torch.device | str) -> tuple[str, str]:
     device = torch.device(device)
     if device.type != "cpu":
         return "int8-weight-only", "the dynamic scheme is for CPUs with int8 dot products"
-    feature = gpt2kit.device.cpu_int8()
-    if feature is None:
-        return "int8-weight-only", (
-            "this CPU has no int8 dot-product instructions (VNNI, AMX): smaller, not faster than float32"
-        )
-    return "int8-dynamic", f"this CPU has {feature}"
+    bf16 = gpt2kit.device.cpu_bf16()
+    if dtype == torch.bfloat16 and bf16 is not None:
+        return "int8-weight-only", f"bfloat16 activations on a CPU with {bf16}"
+    int8 = gpt2kit.device.cpu_int8()
+    if int8 is not None:
+        return "int8-dynamic", f"this CPU has {int8}"
+    return "int8-weight-only", (
+        "this CPU has no int8 dot-product instructions (VNNI, AMX): smaller, not faster than float32"
+    )
 
 
 def check_method(quantize: str | None) -> None:
@@ -76,9 +88,9 @@ def quantize_int8(model: GPT2, *, scheme: str | None = None) -> str:
     """
     if getattr(model, "quantization", None) is not None:
         raise ConfigError(f"the model is already quantized ({model.quantization}); load it again instead")
-    device = model.wte.weight.device
+    device, dtype = model.wte.weight.device, model.wte.weight.dtype
     if scheme is None or scheme == "int8":
-        scheme, why = pick_scheme(device)
+        scheme, why = pick_scheme(device, dtype)
         log.info("int8: %s (%s)", scheme, why)
     if scheme not in SCHEMES:
         raise ConfigError(f"int8 scheme {scheme!r} is unknown; use one of {', '.join(SCHEMES)}")

@@ -16,9 +16,10 @@ AUTO_DTYPE = (
     "AVX512-BF16, AMX or Arm BF16), else float32"
 )
 QUANTIZE_HELP = (
-    "int8 weights (4x smaller than float32): int8: int8-dynamic on CPUs with int8 dot products "
-    "(VNNI, AMX; int8 activations too, the fastest with --compile), else int8-weight-only "
-    "(smaller, not faster)"
+    "int8 weights, 4x smaller than float32; fast with --compile on CPUs with int8 dot products "
+    "(VNNI, AMX) or native bf16. int8 picks int8-weight-only for bfloat16 on a CPU with native "
+    "bf16, int8-dynamic (int8 activations too) for float32 on a CPU with VNNI/AMX, else "
+    "int8-weight-only (smaller, not faster)"
 )
 
 
@@ -45,7 +46,7 @@ def load(args: argparse.Namespace):
         picked.append(f"[dtype auto: {_name(dtype)} ({auto_dtype(device)[1]})]")
     quantize = args.quantize
     if quantize == "int8":
-        quantize, why = pick_scheme(device)
+        quantize, why = pick_scheme(device, dtype)
         picked.append(f"[quantize int8: {quantize} ({why})]")
     model = load_model(args.model, device=device, dtype=dtype, quantize=quantize)
     for line in picked:  # once the model loaded: a bad --model is an error line alone
