@@ -245,6 +245,7 @@ def test_cli_prints_what_auto_and_int8_picked(
     assert code == 0 and out.startswith("Hello"), err
     assert "[dtype auto: float32 (this CPU has no native bf16" in err
     assert "[quantize int8: int8-weight-only (this CPU has no int8 dot-product instructions" in err
+    assert "[int8 decodes faster than float32 only compiled: add --compile]" in err
     monkeypatch.setattr(dev, "cpu_bf16", lambda: "AMX")
     monkeypatch.setattr(dev, "cpu_int8", lambda: "AMX-INT8")
     code, out, err = run_main(capsys, *argv, "--temperature", "0", "--quantize", "int8")
