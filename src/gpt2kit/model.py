@@ -221,7 +221,8 @@ class GPT2(nn.Module):
 
     def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
         """Parameters, the tied wte/lm_head counted once (GPT2.md's table counts them so)."""
-        n = sum(p.numel() for p in self.parameters())
+        # lm_head, where a quantized model has one, is a copy of wte.
+        n = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("lm_head."))
         if exclude_embeddings:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if hasattr(self, "wpe") else 0)
         return n
@@ -323,7 +324,10 @@ class GPT2(nn.Module):
         return self.logits(x[:, -1])  # (B, V)
 
     def logits(self, x: Tensor) -> Tensor:
-        """The tied output projection; rows past vocab_size (padding) are never scored."""
+        """The tied output projection; rows past vocab_size (padding) are never scored.
+        A quantized model has an int8 copy of it, `lm_head` (gpt2kit.quantize)."""
+        if "lm_head" in self._modules:
+            return self.lm_head(x)
         return F.linear(x, self.wte.weight[: self.config.vocab_size])
 
     def _positions(self, position_ids: Tensor) -> Tensor:
@@ -349,6 +353,8 @@ def use_decode_layout(model: nn.Module) -> None:
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dim() == 2:
                 w = module.weight
+                if type(w.data) is not Tensor:  # a quantized weight (gpt2kit.quantize) has its own layout
+                    continue
                 if w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
                     w.data = w.data.t().contiguous().t()
 

@@ -48,6 +48,7 @@ from gpt2kit.batches import BlockSampler, micro_steps
 from gpt2kit.checkpoint import from_hf_state_dict, read_state_dict, resolve, save_model
 from gpt2kit.config import GPT2Config
 from gpt2kit.data import TokenData
+from gpt2kit.device import native_bf16, pick_device
 from gpt2kit.errors import CheckpointError, ConfigError, DataError, Gpt2kitError
 from gpt2kit.metrics import MetricsLog
 from gpt2kit.model import GPT2
@@ -225,30 +226,10 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(rank, local, world)
 
 
-def pick_device(name: str, d: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and d.enabled:
-        name = f"cuda:{d.local_rank}"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(
-            f"device {name!r} is not a device torch knows; use cpu, cuda, cuda:N or auto"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device is {name!r} but no CUDA GPU is available; use --set device=cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(
-            f"device is {name!r} but MPS is not available here (Apple GPUs only); use --set device=cpu"
-        )
-    return device
-
-
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: plain float32). Weights and optimizer state stay float32."""
     if cfg.dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and native_bf16(device):
             return torch.bfloat16
         return None
     return None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
@@ -328,7 +309,7 @@ def _train(
         )
     if not cfg.data:
         raise ConfigError("data is not set; pass --data DATA_DIR (a directory made by gpt2kit prepare)")
-    device = pick_device(cfg.device, d)
+    device = pick_device(cfg.device, local_rank=d.local_rank if d.enabled else None, flag="--set device=")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 parts
     data = TokenData.open(cfg.data)

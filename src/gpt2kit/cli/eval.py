@@ -28,6 +28,7 @@ multiple_choice_sample.jsonl, qa_sample.jsonl, translate_sample.jsonl
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
+    from gpt2kit.cli._model import add_flags
 
     p = sub.add_parser(
         "eval",
@@ -80,13 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generate: tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="generate: 0 = greedy")
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights dtype; auto = bf16 on CUDA",
-    )
+    add_flags(p, dtype_default="float32")
     p.set_defaults(func=run)
 
 
@@ -103,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     import contextlib
     import sys
 
-    from gpt2kit.checkpoint import load_model, load_tokenizer
-    from gpt2kit.cli.generate import pick_device, pick_dtype
+    from gpt2kit.checkpoint import load_tokenizer
+    from gpt2kit.cli._model import load
     from gpt2kit.evals import report
 
     # Everything the flags and the data file alone can tell is checked before the model
@@ -118,17 +113,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         data, task_info = read_task(args)
 
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    model = load_model(args.model, device=device, dtype=dtype)
+    model, device = load(args)
     tokenizer = load_tokenizer(args.model)
     settings = {
         "shots": None if args.task == "perplexity" else args.shots,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "limit": args.limit,
-        "device": device,
-        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "dtype": str(model.wte.weight.dtype).removeprefix("torch."),
+        "quantization": getattr(model, "quantization", None),
     }
     t0 = time.perf_counter()
     if args.task == "perplexity":

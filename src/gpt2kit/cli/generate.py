@@ -18,13 +18,14 @@ EXAMPLE = r"""examples:
   gpt2kit generate --model gpt2 --prompt "Once" --n 3 --seed 0 --max-new-tokens 20  # 3 samples
   gpt2kit generate --model gpt2 --prompt "Hello" --max-new-tokens 5 --logprobs 3  # + a log-prob table
   gpt2kit generate --model gpt2 --prompt "<|endoftext|>Hello" --allow-special
-  gpt2kit generate --model gpt2 --prompt "Hello" --quantize int8     # 4x smaller block weights
+  gpt2kit generate --model gpt2 --prompt "Hello" --dtype bfloat16 --quantize int8  # int8 weights
   gpt2kit generate --model gpt2 --prompt "Once" --max-new-tokens 500 --compile  # compiled steps
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
+    from gpt2kit.cli._model import add_flags
 
     p = sub.add_parser(
         "generate",
@@ -85,16 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (no streaming)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: >0 favours long outputs")
     p.add_argument("--seed", type=int, default=None, help="make the sample reproducible")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bfloat16 on a GPU that supports it, else float32 (bf16 is slower on CPUs without AVX512-BF16)",
-    )
-    p.add_argument(
-        "--quantize", default=None, choices=["int8"], help="int8 weight-only block weights (less memory)"
-    )
+    add_flags(p)
     p.add_argument(
         "--interactive", action="store_true", help="a prompt loop (readline history); Ctrl-D quits"
     )
@@ -107,66 +99,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "one is used when there is one (see docs/generation.md)",
     )
     p.set_defaults(func=run)
-
-
-def pick_device(name: str) -> str:
-    """The --device flag as a torch device string; a one-line ConfigError if this torch can't use it."""
-    import torch
-
-    from gpt2kit.errors import ConfigError
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if _mps_available():
-            return "mps"
-        return "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"--device {name}: unknown device; use cpu, cuda, cuda:N, mps or auto") from None
-    if device.type == "cuda":
-        _check_cuda(name, device.index)
-    elif device.type == "mps" and not _mps_available():
-        raise ConfigError(f"--device {name}: MPS is not available here (Apple GPUs only); use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {name}: gpt2kit runs on cpu, cuda or mps; use one of those or auto")
-    return name
-
-
-def _check_cuda(name: str, index: int | None) -> None:
-    import torch
-
-    from gpt2kit.errors import ConfigError
-
-    if not torch.cuda.is_available():
-        if torch.version.cuda is None and torch.version.hip is None:
-            raise ConfigError(
-                f"--device {name}: this torch has no CUDA (torch.cuda.is_available() is False); "
-                "use --device cpu or install a CUDA build of torch"
-            )
-        raise ConfigError(
-            f"--device {name}: no CUDA GPU is visible (torch.cuda.is_available() is False); "
-            "check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu"
-        )
-    count = torch.cuda.device_count()
-    if index is not None and index >= count:
-        raise ConfigError(f"--device {name}: there are {count} CUDA GPUs (cuda:0 to cuda:{count - 1})")
-
-
-def _mps_available() -> bool:
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps and mps.is_available())
-
-
-def pick_dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -289,17 +221,15 @@ def encode_prompt(tokenizer, prompt: str, *, allow_special: bool) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit.checkpoint import load_model, load_tokenizer
+    from gpt2kit.checkpoint import load_tokenizer
+    from gpt2kit.cli._model import load
+    from gpt2kit.device import pick_device
 
     config = check_args(args)
-    device = pick_device(args.device)
+    pick_device(args.device)  # a bad --device fails before the tokenizer loads
     tokenizer = load_tokenizer(args.model)
     encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)  # fails before any output
-    model = load_model(args.model, device=device, dtype=pick_dtype(args.dtype, device))
-    if args.quantize == "int8":
-        from gpt2kit.quantize import quantize_int8
-
-        quantize_int8(model)
+    model, device = load(args)
     if args.compile:
         prepare_compiled_step(model, rows=max(config.n, args.num_beams))
     if args.interactive:

@@ -17,6 +17,7 @@ EXAMPLE = """examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
+    from gpt2kit.cli._model import add_flags
 
     p = sub.add_parser(
         "serve",
@@ -39,8 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="require 'Authorization: Bearer KEY' on /v1 and /api; None: env GPT2KIT_API_KEY if set",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_flags(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -73,8 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gpt2kit.checkpoint import load_model, load_tokenizer
-    from gpt2kit.cli.generate import pick_device, pick_dtype
+    from gpt2kit.checkpoint import load_tokenizer
+    from gpt2kit.cli._model import load
     from gpt2kit.errors import ConfigError
     from gpt2kit.server.app import create_app
     from gpt2kit.server.completions import Limits
@@ -94,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     # Read here, not as the flag's default, so --help never prints the key.
     api_key = args.api_key or os.environ.get("GPT2KIT_API_KEY") or None
-    device = pick_device(args.device)
-    model = load_model(args.model, device=device, dtype=pick_dtype(args.dtype, device))
+    model, device = load(args)
     tokenizer = load_tokenizer(args.model)
     step = startup_step(model, slots=args.max_batch_size, compile=args.compile)
     name = args.model_name or os.path.basename(os.path.normpath(str(args.model)))
