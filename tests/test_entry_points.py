@@ -113,7 +113,7 @@ def test_cli_equals_complete(pair, model_dir: Path, capsys: pytest.CaptureFixtur
     model, tok = pair
     config = CONFIGS[name]
     args = [
-        "generate", "--model", str(model_dir), "--prompt", PROMPTS[2],
+        "generate", "--model", str(model_dir), "--prompt", PROMPTS[2], "--dtype", "float32",
         "--max-new-tokens", str(config.max_new_tokens), "--temperature", str(config.temperature),
         "--top-p", str(config.top_p), "--presence-penalty", str(config.presence_penalty),
         "--frequency-penalty", str(config.frequency_penalty), "--n", str(config.n),

@@ -211,7 +211,8 @@ def server_url(model_dir):
     cmd = [sys.executable, "-m", "gpt2kit", "serve", "--model", str(model_dir), "--model-name", SERVED]
     # Eager steps: this test is about the protocol, and a compiled step would take minutes to build.
     proc = subprocess.Popen(
-        [*cmd, "--port", str(port), "--threads", "1", "--no-compile"], stdout=subprocess.DEVNULL
+        [*cmd, "--port", str(port), "--threads", "1", "--no-compile", "--dtype", "float32"],
+        stdout=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:

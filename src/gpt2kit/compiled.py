@@ -104,6 +104,9 @@ class CompiledStep:
             return model.decode_step(idx, input_pos, k_cache, v_cache)
         if span not in self._spans:
             self._spans[span] = torch.empty(span, 0, device=idx.device)
+        # The library reads its inputs as dense row-major memory: a strided view (a beam's
+        # tokens, running[:, :, t]) would be read as other tokens.
+        idx, input_pos = idx.contiguous(), input_pos.contiguous()
         return self._runner.run([idx, input_pos, *k_cache, *v_cache, self._spans[span]])[0]
 
 
