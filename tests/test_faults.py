@@ -156,6 +156,9 @@ def test_train_killed_mid_checkpoint_resumes_bit_identical(tmp_path: Path) -> No
     def writing_checkpoint() -> bool:
         return any(p.name.startswith(".ckpt-") for p in run.glob(".ckpt-*.tmp"))
 
+    def writing_another_checkpoint() -> bool:  # there is one to resume from
+        return writing_checkpoint() and bool(complete_checkpoints(run))
+
     mid_write, resumed_from = 0, []
     for round in range(KILLS):
         args = (
@@ -163,7 +166,9 @@ def test_train_killed_mid_checkpoint_resumes_bit_identical(tmp_path: Path) -> No
         )
         before = latest_checkpoint(run)
         proc = gpt2kit(*args)
-        if not kill_when(proc, writing_checkpoint, jitter=0.05):
+        # Even rounds kill as soon as a write is seen (a tiny model's checkpoint is written in
+        # milliseconds, so a random delay alone may miss every write), odd rounds a moment later.
+        if not kill_when(proc, writing_another_checkpoint, jitter=0.0 if round % 2 == 0 else 0.05):
             break  # the run finished; the final resume below is then a no-op check
         mid_write += writing_checkpoint()
         # Resume will pick the newest checkpoint whose every file matches its manifest.

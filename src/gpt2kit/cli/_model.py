@@ -48,7 +48,9 @@ def load(args: argparse.Namespace):
     if quantize == "int8":
         quantize, why = pick_scheme(device, dtype)
         picked.append(f"[quantize int8: {quantize} ({why})]")
-    if quantize is not None and getattr(args, "compile", None) is False:
+    compile = getattr(args, "compile", True)  # eval has no --compile: nothing to advise
+    # `generate` decodes eagerly unless --compile (or a saved step); `serve` only with --no-compile.
+    if quantize is not None and (compile is False or (compile is None and args.command == "generate")):
         # torchao's int8 runs as separate ops when eager; inductor fuses them (benchmarks/README.md).
         picked.append("[int8 decodes faster than float32 only compiled: add --compile]")
     model = load_model(args.model, device=device, dtype=dtype, quantize=quantize)
