@@ -312,6 +312,26 @@ def test_beam_search_on_the_compiled_step(built, model, monkeypatch) -> None:
     )
 
 
+def test_compiled_greedy_equals_transformers(built, model, monkeypatch, tmp_path) -> None:
+    """generate() on the saved step gives transformers' greedy tokens (fp32), prompt by prompt."""
+    import transformers
+
+    monkeypatch.setenv("GPT2KIT_CACHE_DIR", str(built["cache"]))
+    model.save_pretrained(tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    new = MAX_LEN - len(PROMPTS[0])
+    ours = generate(model, PROMPTS, max_new_tokens=new, temperature=0, eos_token_id=-1, compile=None)
+    assert compiled_step(model, slots=len(PROMPTS), max_len=MAX_LEN, build=False) is not None
+    for prompt, got in zip(PROMPTS, ours, strict=True):
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            want = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+        assert got == want[0].tolist()
+
+
 def test_strided_token_and_position_views(built, model) -> None:
     """Tokens and positions given as strided views (as beam search slices them) are read as
     their values, not as the memory under them."""
