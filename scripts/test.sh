@@ -7,5 +7,8 @@ scripts/setup.sh dev
 echo "==> ruff"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
+if [ "$#" -eq 0 ]; then
+  scripts/test_py310.sh
+fi
 echo "==> pytest"
 exec .venv/bin/python -m pytest "$@"

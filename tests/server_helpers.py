@@ -12,8 +12,9 @@ from pathlib import Path
 
 import uvicorn
 
-from conftest import hf_model, write_gpt2_tokenizer
-from gpt2kit.checkpoint import load_model, load_tokenizer
+from conftest import hf_model, shakespeare_plays, tiny_model, write_gpt2_tokenizer
+from gpt2kit.bpe import train_bpe
+from gpt2kit.checkpoint import load_model, load_tokenizer, save_model
 from gpt2kit.server.app import create_app
 
 MODEL_NAME = "tiny"
@@ -25,8 +26,8 @@ class Server:
     app: object
 
     @property
-    def engine(self):
-        return self.app.state.engine
+    def worker(self):
+        return self.app.state.worker
 
 
 def make_model_dir(path: Path, *, n_positions: int = 512) -> Path:
@@ -34,6 +35,25 @@ def make_model_dir(path: Path, *, n_positions: int = 512) -> Path:
     model = hf_model(seed=7, vocab_size=50257, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4)
     model.save_pretrained(path)
     write_gpt2_tokenizer(path)
+    return path
+
+
+def make_bpe_model_dir(path: Path, *, n_positions: int = 128, vocab_size: int = 512) -> Path:
+    """A quick-start-like model: a byte-level BPE trained on Shakespeare and a small random GPT-2
+    (4 layers, 4 heads) over it, saved as `gpt2kit quickstart` saves its model."""
+    text = shakespeare_plays()[0].read_text(encoding="utf-8")
+    tokenizer = train_bpe(text.split("\n\n"), vocab_size=vocab_size)
+    eot = tokenizer.eot_token
+    model = tiny_model(
+        seed=3,
+        vocab_size=tokenizer.n_vocab,
+        n_positions=n_positions,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=eot,
+        eos_token_id=eot,
+    )
+    save_model(model, path, tokenizer=tokenizer)
     return path
 
 

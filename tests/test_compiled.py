@@ -1,148 +1,363 @@
-"""Compiled decoding (`compile=True`): same tokens as eager decoding, recompiled when weights change.
+"""Compiled decode steps: built once by one process, loaded by others, equal to eager decode_step.
 
-Compiling needs a C++ compiler (inductor's CPU backend); the module is skipped without one.
-One tiny model is compiled once for the module (about a minute on 2 cores) and shared.
+Building needs a C++ compiler (inductor's CPU backend); the module is skipped without one.
+A build of the tiny model takes ~40 s on 2 cores, so the module builds twice: once in a
+subprocess (the step every test loads) and once for changed weights. Longer checks (bf16,
+int8, a damaged step rebuilt) are marked slow.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import tiny_model
-from gpt2kit import generate
-from gpt2kit.compiled import CACHE_BUCKET, cache_length, compiled_decoder
+from gpt2kit import generate, stepcache
+from gpt2kit.compiled import LENGTH_BUCKET, CompiledStep, compiled_step, missing_toolchain
 from gpt2kit.errors import ConfigError
-from gpt2kit.model import KVCache
 
 pytestmark = pytest.mark.skipif(
-    not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")),
-    reason="torch.compile on CPU needs a C++ compiler",
+    missing_toolchain() is not None, reason=f"compiled steps can't be built here: {missing_toolchain()}"
 )
 
-PROMPTS = [[5, 17, 3, 40, 2, 9], [7], [11, 12, 13]]  # mixed lengths: left padding in one batch
+TESTS = Path(__file__).parent
+SEED, SLOTS = 3, 4
+PROMPTS = [[5, 17, 3, 40, 2, 9], [7], [11, 12, 13]]
+MAX_LEN = 20  # the longest prompt's last steps reach the cache's last position
+
+
+def greedy(model, step, prompts, *, steps: int, max_len: int) -> list[list[int]]:
+    """Greedy tokens of right-padded prompts prefilled from position 0, each row then fed
+    at its own position by `step` (a compiled step, or model.decode_step)."""
+    cfg, b = model.config, len(prompts)
+    shape = (b, cfg.n_head, max_len, cfg.head_size)
+    k = [torch.zeros(shape, dtype=model.wte.weight.dtype) for _ in range(cfg.n_layer)]
+    v = [torch.zeros(shape, dtype=model.wte.weight.dtype) for _ in range(cfg.n_layer)]
+    ids = torch.zeros(b, max(map(len, prompts)), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    out: list[list[int]] = [[] for _ in prompts]
+    with torch.inference_mode():
+        pos = torch.tensor([len(p) for p in prompts])
+        logits = model.logits(model.prefill(ids, k, v)[torch.arange(b), pos - 1])
+        for _ in range(steps):
+            token = logits.argmax(dim=-1)
+            for i, t in enumerate(token.tolist()):
+                out[i].append(t)
+            logits = step(token[:, None], pos, k, v)
+            pos = pos + 1
+    return out
+
+
+def run_children(cache: Path, *, build: bool, n: int = 1) -> list[dict]:
+    """`n` fresh Python processes started at once: each gets the tiny model's step from
+    `cache` (building it if `build` and missing) and decodes greedily."""
+    code = f"""
+import json, sys, torch
+from conftest import tiny_model
+from test_compiled import greedy, PROMPTS, MAX_LEN, SEED, SLOTS
+from gpt2kit.compiled import compiled_step
+torch.set_num_threads({torch.get_num_threads()})  # the key holds the thread count: the parent's
+phases = []
+model = tiny_model(seed=SEED)
+step = compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build={build}, progress=phases.append)
+tokens = greedy(model, step, PROMPTS, steps=MAX_LEN - len(PROMPTS[0]), max_len=MAX_LEN)
+print(json.dumps({{"phases": phases, "tokens": tokens, "library": str(step.library)}}))
+"""
+    env = dict(os.environ, GPT2KIT_CACHE_DIR=str(cache), PYTHONPATH=str(TESTS))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=TESTS,
+        )
+        for _ in range(n)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        results.append({"stdout": out, "stderr": err, **json.loads(out)})
+    return results
 
 
 @pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    """The tiny model's step, built by one of two processes started at once into an empty
+    cache; the other waits for it and loads it."""
+    cache = tmp_path_factory.mktemp("steps")
+    first, second = run_children(cache, build=True, n=2)
+    builder, loader = (first, second) if len(first["phases"]) > 1 else (second, first)
+    return {"cache": cache, "loader": loader, **builder}
+
+
+@pytest.fixture()
 def model():
-    m = tiny_model(seed=3)
-    # Compile the one shape the tests use (batch 3, one cache bucket), once.
-    generate(m, PROMPTS, max_new_tokens=4, temperature=0, eos_token_id=-1, compile=True)
-    return m
+    return tiny_model(seed=SEED)
 
 
-def test_cache_length_rounds_up_within_the_context() -> None:
-    assert cache_length(1, 1024) == CACHE_BUCKET
-    assert cache_length(CACHE_BUCKET + 1, 1024) == 2 * CACHE_BUCKET
-    assert cache_length(900, 1024) == 1024  # never past the context...
-    assert cache_length(60, 64) == 64
-    assert cache_length(70, 64) == 70  # ...nor below what is needed (the model then refuses)
+def test_a_step_built_by_one_process_is_loaded_by_this_one(built, model) -> None:
+    step = compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=False, cache_dir=built["cache"])
+    assert isinstance(step, CompiledStep)
+    assert str(step.library) == built["library"] and step.slots == SLOTS and step.max_len == MAX_LEN
+    steps = MAX_LEN - len(PROMPTS[0])
+    tokens = greedy(model, step, PROMPTS, steps=steps, max_len=MAX_LEN)
+    assert tokens == built["tokens"]
+    assert tokens == greedy(model, model.decode_step, PROMPTS, steps=steps, max_len=MAX_LEN)
 
 
-def test_greedy_batched_with_padding_equals_eager(model) -> None:
-    fast = generate(model, PROMPTS, max_new_tokens=20, temperature=0, eos_token_id=-1, compile=True)
-    slow = generate(model, PROMPTS, max_new_tokens=20, temperature=0, eos_token_id=-1)
-    assert fast == slow
-    assert [len(r) for r in fast] == [len(p) + 20 for p in PROMPTS]
+def test_two_processes_at_once_build_one_step_and_share_it(built) -> None:
+    loader = built["loader"]
+    assert [p.split()[0] for p in loader["phases"]] == ["loading"]
+    assert loader["library"] == built["library"] and loader["tokens"] == built["tokens"]
+    assert len(list((built["cache"] / "compiled").glob("*.so"))) == 1
 
 
-def test_seeded_sampling_equals_eager(model) -> None:
-    kw = dict(max_new_tokens=16, temperature=0.9, top_k=20, top_p=0.95, seed=11, eos_token_id=-1)
-    assert generate(model, PROMPTS, compile=True, **kw) == generate(model, PROMPTS, **kw)
+def test_building_reports_its_phases_and_prints_nothing(built) -> None:
+    phases = built["phases"]
+    assert [p.split()[0] for p in phases] == ["exporting", "compiling", "saving", "loading"]
+    assert built["stdout"].count("\n") == 1  # the child's own JSON line only
+    assert "AUTOTUNE" not in built["stderr"] and "Traceback" not in built["stderr"]
 
 
-def test_step_logits_match_the_eager_forward(model) -> None:
-    ids = torch.tensor([[5, 17, 3, 40], [1, 2, 3, 4], [60, 50, 40, 30]])
-    new = torch.tensor([[9], [8], [7]])
-    decoder = compiled_decoder(model)
-    with torch.inference_mode():
-        cache = KVCache.allocate(model.config, 3, cache_length(8, model.config.n_positions))
-        model(ids, kv_cache=cache)
-        got = decoder.step(new, cache)
-        want = model(torch.cat([ids, new], dim=1)).logits[:, -1]
-    assert cache.pos == 5
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("L", [MAX_LEN, 12, 64])
+def test_logits_and_cache_writes_equal_eager_at_any_length(built, model, L: int) -> None:
+    step = compiled_step(model, slots=SLOTS, max_len=L, build=False, cache_dir=built["cache"])
+    cfg, b = model.config, 3
+    torch.manual_seed(L)
+    k = [torch.randn(b, cfg.n_head, L, cfg.head_size) for _ in range(cfg.n_layer)]
+    v = [torch.randn_like(t) for t in k]
+    idx = torch.tensor([[5], [60], [9]])
+    for pos in ([0, 3, L - 2], [L // 2, 1, L - 1]):  # L - 1: the whole cache, run eagerly
+        input_pos = torch.tensor(pos)
+        k_want, v_want = [t.clone() for t in k], [t.clone() for t in v]
+        with torch.inference_mode():
+            want = model.decode_step(idx, input_pos, k_want, v_want)
+            got = step(idx, input_pos, k, v)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for a, w in zip(k + v, k_want + v_want, strict=True):
+            torch.testing.assert_close(a, w, atol=0, rtol=0)
 
 
-def test_finished_rows_keep_eos_while_the_batch_goes_on(model) -> None:
-    # With the real eos, a row may end early; compiled decoding keeps it in the batch.
-    eos = model.config.eos_token_id
-    ids = torch.tensor([[1, 2], [3, 4], [5, 6]])
-    fast = generate(model, ids, max_new_tokens=40, top_k=10, seed=0, compile=True)
-    slow = generate(model, ids, max_new_tokens=40, top_k=10, seed=0)
-    assert torch.equal(fast, slow)
-    ended = (fast[:, 2:] == eos).any(dim=1)
-    assert bool(ended.any()) and not bool(ended.all()), "the case needs one row to end before another"
+def test_one_step_serves_fewer_rows_and_not_more(built, model) -> None:
+    step = compiled_step(model, slots=2, max_len=33, build=False, cache_dir=built["cache"])
+    assert step is not None and step.slots == SLOTS and step.max_len == 33
+    assert step.batch_size(1) == 1
+    with pytest.raises(ValueError, match="1 to 4 rows"):
+        step.batch_size(5)
+    assert compiled_step(model, slots=SLOTS + 1, max_len=33, build=False, cache_dir=built["cache"]) is None
+    tokens = greedy(model, step, PROMPTS[:1], steps=8, max_len=33)
+    assert tokens == greedy(model, model.decode_step, PROMPTS[:1], steps=8, max_len=33)
 
 
-def test_changed_weights_are_compiled_again(model) -> None:
-    first = compiled_decoder(model)
-    assert compiled_decoder(model) is first  # unchanged weights: the same graph
+def test_changed_weights_are_built_again_never_used(built, model, tmp_path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(built["cache"], cache)
     changed = copy.deepcopy(model)
-    assert "_compiled_decoder" not in changed.__dict__ or changed.__dict__["_compiled_decoder"] is None
     with torch.no_grad():
         changed.ln_f.bias.add_(0.5)
         changed.h[0].mlp.c_fc.weight.mul_(-1.0)
-    fast = generate(changed, PROMPTS, max_new_tokens=10, temperature=0, eos_token_id=-1, compile=True)
-    slow = generate(changed, PROMPTS, max_new_tokens=10, temperature=0, eos_token_id=-1)
-    assert fast == slow
-    assert compiled_decoder(changed) is not first
-
-
-def test_beam_search_refuses_compile(model) -> None:
-    with pytest.raises(ConfigError, match="beam search"):
-        generate(model, [[1, 2]], max_new_tokens=3, num_beams=2, compile=True)
-
-
-def test_cli_compile_with_beams_is_a_clear_error(tmp_path) -> None:
-    model = tiny_model()
-    model.save_pretrained(tmp_path)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpt2kit",
-            "generate",
-            "--model",
-            str(tmp_path),
-            "--compile",
-            "--num-beams",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    assert compiled_step(changed, slots=SLOTS, max_len=MAX_LEN, build=False, cache_dir=cache) is None
+    step = compiled_step(changed, slots=SLOTS, max_len=MAX_LEN, build=True, cache_dir=cache)
+    assert step is not None and step.library.name != Path(built["library"]).name
+    steps = MAX_LEN - len(PROMPTS[0])
+    tokens = greedy(changed, step, PROMPTS, steps=steps, max_len=MAX_LEN)
+    assert tokens == greedy(changed, changed.decode_step, PROMPTS, steps=steps, max_len=MAX_LEN)
+    assert tokens != built["tokens"]
+    # Both models now have their own step; the first one's is untouched.
+    assert compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=False, cache_dir=cache).library.name == (
+        Path(built["library"]).name
     )
-    assert proc.returncode == 2
-    assert "--compile" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_weights_changed_after_loading_are_refused(built, model) -> None:
+    step = compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=False, cache_dir=built["cache"])
+    with torch.no_grad():
+        model.h[1].attn.c_proj.weight.add_(1.0)
+    cfg = model.config
+    k = [torch.zeros(1, cfg.n_head, MAX_LEN, cfg.head_size) for _ in range(cfg.n_layer)]
+    with pytest.raises(ConfigError, match="weights changed"):
+        step(torch.tensor([[1]]), torch.tensor([0]), k, [t.clone() for t in k])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "no record", "no library", "bad record"])
+def test_a_damaged_step_is_removed_not_loaded(built, model, tmp_path, damage: str) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(built["cache"], cache)
+    library = cache / "compiled" / Path(built["library"]).name
+    record = library.with_suffix(".json")
+    if damage == "truncated":
+        with open(library, "r+b") as f:
+            f.truncate(library.stat().st_size // 2)
+    elif damage == "flipped byte":
+        with open(library, "r+b") as f:
+            f.seek(library.stat().st_size // 3)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    elif damage == "no record":  # the crash between the library and its record
+        record.unlink()
+    elif damage == "no library":
+        library.unlink()
+    else:
+        record.write_text("{not json")
+    assert compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=False, cache_dir=cache) is None
+    if damage != "no record":
+        assert not record.exists() and not library.exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_step_is_built_again(built, model, tmp_path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(built["cache"], cache)
+    library = cache / "compiled" / Path(built["library"]).name
+    with open(library, "r+b") as f:
+        f.truncate(1000)
+    step = compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=True, cache_dir=cache)
+    assert step is not None and step.library == library
+    tokens = greedy(model, step, PROMPTS, steps=MAX_LEN - len(PROMPTS[0]), max_len=MAX_LEN)
+    assert tokens == built["tokens"]
+
+
+def test_the_key_covers_weights_dtype_config_and_slots(model) -> None:
+    key = stepcache.key_of(stepcache.describe(model))
+    assert key == stepcache.key_of(stepcache.describe(copy.deepcopy(model)))
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    other_config = tiny_model(seed=SEED, n_positions=32)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.wpe.weight[0, 0] += 1e-3
+    keys = {stepcache.key_of(stepcache.describe(m)) for m in (model, bf16, other_config, changed)}
+    assert len(keys) == 4
+    folder = Path("steps")
+    names = {stepcache.Entry(folder, key, s).library.name for s in (1, 4, 8)}
+    assert len(names) == 3
+
+
+def test_missing_compiler_is_a_one_line_error(model, tmp_path) -> None:
+    with torch._inductor.config.patch({"cpp.cxx": ("gpt2kit-no-such-c++",)}):
+        problem = missing_toolchain()
+        assert problem is not None and "C++ compiler" in problem and "apt install g++" in problem
+        assert compiled_step(model, slots=1, max_len=8, build=False, cache_dir=tmp_path) is None
+        with pytest.raises(ConfigError, match="C\\+\\+ compiler") as e:
+            compiled_step(model, slots=1, max_len=8, build=True, cache_dir=tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_python_headers_is_a_one_line_error(model, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("gpt2kit.compiled.python_header", lambda: tmp_path / "Python.h")
+    problem = missing_toolchain()
+    assert problem is not None and "Python.h" in problem and "python3-dev" in problem
+    with pytest.raises(ConfigError, match="python3-dev"):
+        compiled_step(model, slots=1, max_len=8, build=True, cache_dir=tmp_path)
+
+
+def test_a_failed_build_is_a_one_line_error_and_saves_nothing(model, tmp_path) -> None:
+    # A compiler that answers --version and then fails every compile.
+    cxx = tmp_path / "broken-c++"
+    cxx.write_text(
+        '#!/bin/sh\n[ "$1" = "--version" ] && echo "broken 1.0" && exit 0\necho nope >&2; exit 1\n'
+    )
+    cxx.chmod(0o755)
+    with (
+        torch._inductor.config.patch({"cpp.cxx": (str(cxx),)}),
+        pytest.raises(ConfigError, match="building the compiled decode step failed") as e,
+    ):
+        compiled_step(model, slots=1, max_len=8, build=True, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "cache" / "compiled").glob("*.so"))
+
+
+def test_bad_arguments_are_config_errors(model, tmp_path) -> None:
+    for kwargs, match in [
+        (dict(slots=0, max_len=8), "slots must be a positive integer"),
+        (dict(slots=1, max_len=65), "max_len must be an integer in \\[2, 64\\]"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            compiled_step(model, build=False, cache_dir=tmp_path, **kwargs)
+
+
+# --- generate(compile=True) on the saved step ------------------------------------------------
+
+
+def test_generate_compiled_equals_eager_batched_padded_and_seeded(built, model, monkeypatch) -> None:
+    monkeypatch.setenv("GPT2KIT_CACHE_DIR", str(built["cache"]))
+    kw = dict(max_new_tokens=12, eos_token_id=-1)
+    assert generate(model, PROMPTS, temperature=0, compile=True, **kw) == generate(
+        model, PROMPTS, temperature=0, **kw
+    )
+    sampled = dict(temperature=0.9, top_k=20, top_p=0.95, seed=11, **kw)
+    assert generate(model, PROMPTS, compile=True, **sampled) == generate(model, PROMPTS, **sampled)
+
+
+def test_beam_search_on_the_compiled_step(built, model, monkeypatch) -> None:
+    """Beams decode through the engine's step too, and give what eager beams give."""
+    monkeypatch.setenv("GPT2KIT_CACHE_DIR", str(built["cache"]))
+    assert compiled_step(model, slots=4, max_len=MAX_LEN, build=False) is not None, "the saved step is found"
+    kw = dict(max_new_tokens=8, num_beams=2, eos_token_id=-1)
+    assert generate(model, PROMPTS[:2], compile=None, **kw) == generate(
+        model, PROMPTS[:2], compile=False, **kw
+    )
+
+
+# --- other dtypes, quantization, CUDA -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bf16_step_matches_eager(tmp_path) -> None:
+    model = tiny_model(seed=SEED).to(torch.bfloat16)
+    step = compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=True, cache_dir=tmp_path)
+    assert step is not None
+    cfg = model.config
+    k = [torch.randn(3, cfg.n_head, MAX_LEN, cfg.head_size, dtype=torch.bfloat16) for _ in range(cfg.n_layer)]
+    v = [torch.randn_like(t) for t in k]
+    idx, input_pos = torch.tensor([[5], [60], [9]]), torch.tensor([0, 7, LENGTH_BUCKET % MAX_LEN])
+    with torch.inference_mode():
+        want = model.decode_step(idx, input_pos, [t.clone() for t in k], [t.clone() for t in v])
+        got = step(idx, input_pos, k, v)
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.slow
+def test_int8_step_matches_eager(tmp_path) -> None:
+    from gpt2kit.quantize import quantize_int8
+
+    model = quantize_int8(tiny_model(seed=SEED))
+    step = compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=True, cache_dir=tmp_path)
+    assert step is not None
+    steps = MAX_LEN - len(PROMPTS[0])
+    tokens = greedy(model, step, PROMPTS, steps=steps, max_len=MAX_LEN)
+    assert tokens == greedy(model, model.decode_step, PROMPTS, steps=steps, max_len=MAX_LEN)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_compiled_decoding_matches_eager(dtype) -> None:
-    """The GPU half of compiled decoding (Triton kernels): run with `pytest -m gpu` on a CUDA machine."""
+def test_cuda_step_matches_eager(tmp_path, dtype) -> None:
+    """The CUDA build of the step (Triton kernels): run with `pytest -m gpu` on a CUDA machine."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    m = tiny_model(seed=3).to("cuda", dtype)
-    kw = dict(max_new_tokens=12, temperature=0, eos_token_id=-1)
-    fast, slow = generate(m, PROMPTS, compile=True, **kw), generate(m, PROMPTS, **kw)
-    if dtype == torch.float32:  # bf16 rounding may flip a near-tie; its logits are checked below
-        assert fast == slow
-    assert [len(r) for r in fast] == [len(p) + 12 for p in PROMPTS]
-    ids = torch.tensor([[5, 17, 3, 40], [1, 2, 3, 4], [60, 50, 40, 30]], device="cuda")
-    new = torch.tensor([[9], [8], [7]], device="cuda")
+    model = tiny_model(seed=SEED).to("cuda", dtype)
+    step = compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=True, cache_dir=tmp_path)
+    assert step is not None
+    cfg = model.config
+    shape = (3, cfg.n_head, MAX_LEN, cfg.head_size)
+    k = [torch.randn(shape, device="cuda", dtype=dtype) for _ in range(cfg.n_layer)]
+    v = [torch.randn_like(t) for t in k]
+    idx = torch.tensor([[5], [60], [9]], device="cuda")
+    input_pos = torch.tensor([0, 7, MAX_LEN - 2], device="cuda")
     with torch.inference_mode():
-        cache = KVCache.allocate(
-            m.config, 3, cache_length(8, m.config.n_positions), device="cuda", dtype=dtype
-        )
-        m(ids, kv_cache=cache)
-        got = compiled_decoder(m).step(new, cache)
-        want = m(torch.cat([ids, new], dim=1)).logits[:, -1]
+        want = model.decode_step(idx, input_pos, [t.clone() for t in k], [t.clone() for t in v])
+        got = step(idx, input_pos, k, v)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

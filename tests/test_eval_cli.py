@@ -117,3 +117,33 @@ def test_perplexity_records_no_shots(tiny_hf_dir, text_file, tmp_path, capsys):
     assert code == 0
     settings = json.loads(out.read_text())["settings"]
     assert settings["shots"] is None and settings["limit"] is None
+
+
+@pytest.mark.parametrize("task", ["perplexity", "multiple-choice", "generate"])
+def test_target_is_only_for_lambada(tmp_path, text_file, capsys, task):
+    data = str(text_file) if task == "perplexity" else "qa_sample"
+    argv = ["--model", missing_model(tmp_path), "--task", task, "--data", data, "--target", "token"]
+    code, _, err = run_eval(capsys, *argv)
+    assert code == 2
+    assert err == [f"gpt2kit eval: error: --target: only for --task lambada, not --task {task}; drop it"]
+
+
+def test_lambada_target_flag(tiny_hf_dir, tmp_path, capsys):
+    from gpt2kit.checkpoint import load_model, load_tokenizer
+    from gpt2kit.evals.lambada import evaluate_lambada
+    from gpt2kit.evals.tasks import load_task
+
+    task = load_task("lambada_sample", kind="lambada")
+    model, tok = load_model(tiny_hf_dir), load_tokenizer(tiny_hf_dir)
+    for target in (None, "word", "token"):
+        out = tmp_path / f"{target}.json"
+        argv = ["--model", str(tiny_hf_dir), "--task", "lambada", "--data", "lambada_sample"]
+        code, stdout, _ = run_eval(
+            capsys, *argv, *(["--target", target] if target else []), "--output", str(out)
+        )
+        assert code == 0
+        doc = json.loads(out.read_text())
+        assert doc["settings"]["target"] == (target or "word")
+        assert f"target={target or 'word'}" in stdout
+        expected = evaluate_lambada(model, tok, task, target=target or "word")["metrics"]
+        assert doc["metrics"] == pytest.approx(expected)

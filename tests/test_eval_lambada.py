@@ -85,3 +85,68 @@ def test_lambada_plain_text_and_few_shot(tmp_path, tiny_hf_dir, gpt2_tokenizer):
     # The examples change the context, so the scores change; the targets don't.
     assert [it["logprob"] for it in zero["items"]] != [it["logprob"] for it in two["items"]]
     assert zero["metrics"]["n_target_tokens"] == two["metrics"]["n_target_tokens"]
+
+
+def test_word_and_token_targets_by_hand(tmp_path, gpt2_tokenizer):
+    """The two conventions on items where they disagree, against probabilities worked out by hand.
+
+    The model puts logit ln 4 on " the" everywhere. word: greedy must produce every token
+    of " " + target. token: the passage is tokenized whole and only its final token has to
+    be the argmax, given the tokens before it (earlier pieces of the target included).
+    """
+    rows = [
+        {"context": "The cat sat on", "target": "the"},  # [ the]: both right
+        {"context": "She lives in", "target": "Paris the"},  # [ Paris,  the]: token right, word wrong
+        {"context": "Over and over", "target": "the thethe"},  # [ the,  the, the]: both wrong
+        {"context": "She lives in", "target": "Paris"},  # [ Paris]: both wrong
+    ]
+    passages = [gpt2_tokenizer.encode(r["context"] + " " + r["target"]) for r in rows]
+    assert [p[-1] for p in passages] == [THE, THE, 1169, 6342]
+    task = load_task(write_jsonl(tmp_path / "t.jsonl", rows), kind="lambada")
+    model = fixed_distribution_model()
+    word = evaluate_lambada(model, gpt2_tokenizer, task, target="word", batch_size=2)
+    token = evaluate_lambada(model, gpt2_tokenizer, task, target="token", batch_size=3)
+
+    log_z = math.log(4 + (V - 1))
+    right, other = math.log(4) - log_z, -log_z
+    assert [it["correct"] for it in word["items"]] == [True, False, False, False]
+    assert word["metrics"]["acc"] == 0.25
+    assert [it["logprob"] for it in word["items"]] == pytest.approx(
+        [right, other + right, 2 * right + other, other], rel=1e-5
+    )
+
+    assert [it["correct"] for it in token["items"]] == [True, True, False, False]
+    assert [it["target_token"] for it in token["items"]] == [" the", " the", "the", " Paris"]
+    final = [right, right, other, other]
+    assert [it["logprob"] for it in token["items"]] == pytest.approx(final, rel=1e-5)
+    assert token["metrics"]["acc"] == 0.5
+    assert token["metrics"]["perplexity"] == pytest.approx(math.exp(-sum(final) / 4), rel=1e-5)
+    assert token["metrics"]["n_items"] == 4
+
+
+def test_token_target_sees_the_words_earlier_pieces(tmp_path, tiny_hf_dir, gpt2_tokenizer):
+    """token: the final token's log-probability given the whole passage before it, as transformers computes it."""
+    import transformers
+
+    rows = [
+        {"context": "It was a dark and stormy", "target": "nightingale"},
+        {"context": "Numbers:", "target": "1234567"},
+    ]
+    task = load_task(write_jsonl(tmp_path / "t.jsonl", rows), kind="lambada")
+    result = evaluate_lambada(load_model(tiny_hf_dir), gpt2_tokenizer, task, target="token")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    for row, item in zip(rows, result["items"], strict=True):
+        ids = gpt2_tokenizer.encode(row["context"] + " " + row["target"])
+        assert len(gpt2_tokenizer.encode(" " + row["target"])) > 1  # a multi-token last word
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([ids[:-1]])).logits[0, -1].double(), -1)
+        assert item["logprob"] == pytest.approx(logp[ids[-1]].item(), abs=1e-4)
+        assert item["correct"] == (logp.argmax().item() == ids[-1])
+
+
+def test_unknown_target_is_refused(tmp_path, gpt2_tokenizer):
+    from gpt2kit.errors import ConfigError
+
+    task = load_task(write_jsonl(tmp_path / "t.jsonl", [{"context": "a", "target": "b"}]), kind="lambada")
+    with pytest.raises(ConfigError, match="target must be one of word, token"):
+        evaluate_lambada(fixed_distribution_model(), gpt2_tokenizer, task, target="char")

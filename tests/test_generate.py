@@ -12,10 +12,10 @@ import torch
 
 from conftest import scripted_model, tiny_model
 from gpt2kit import GPT2, Tokenizer, generate
+from gpt2kit.completion import complete
 from gpt2kit.errors import ConfigError
-from gpt2kit.generate import stream_text
-from gpt2kit.processors import sample
-from gpt2kit.sampling import make_generators
+from gpt2kit.processors import History, next_tokens
+from gpt2kit.sampling import SamplingConfig, row_generator, uniforms
 
 PROMPT = "Hello world, this is a test of"
 
@@ -31,12 +31,14 @@ def pair(tiny_hf_dir: Path):
 def naive_generate(
     model: GPT2, ids: torch.Tensor, n: int, *, seed: int | None = None, **options
 ) -> torch.Tensor:
-    """The definition of autoregressive decoding: recompute every logit at every step, no cache."""
-    generators = make_generators(seed, ids.shape[0], torch.device("cpu"))
+    """The definition of autoregressive decoding: recompute every logit at every step, no cache;
+    row r draws from its own generator seeded with seed + r, one uniform number per step."""
+    config = SamplingConfig(**options)
+    generators = [row_generator(None if seed is None else seed + r, "cpu") for r in range(ids.shape[0])]
     with torch.no_grad():
         for _ in range(n):
             logits = model(ids).logits[:, -1]
-            token = sample(logits, generators=generators, **options)
+            token = next_tokens(logits, config, History(), uniforms(generators, "cpu"))
             ids = torch.cat([ids, token[:, None]], dim=1)
     return ids
 
@@ -85,7 +87,8 @@ def test_cached_decoding_equals_recomputing(options: dict) -> None:
     model = tiny_model(seed=8)
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     got = generate(model, ids, max_new_tokens=24, eos_token_id=-1, **options)
-    want = naive_generate(model, ids, 24, **options)
+    seed = options.pop("seed", None)
+    want = naive_generate(model, ids, 24, seed=seed, **options)
     assert got.tolist() == want.tolist()
 
 
@@ -112,9 +115,9 @@ def test_batch_rows_equal_rows_alone() -> None:
     ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
     for options in (dict(temperature=0), dict(temperature=1.0, top_k=30)):
-        seeds = [11, 12, 13, 14] if options["temperature"] else None
+        seed = 11 if options["temperature"] else None
         batch = generate(
-            model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1, seed=seeds, **options
+            model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1, seed=seed, **options
         )
         for i, row in enumerate(rows):
             alone = generate(
@@ -122,7 +125,7 @@ def test_batch_rows_equal_rows_alone() -> None:
                 torch.tensor([row]),
                 max_new_tokens=20,
                 eos_token_id=-1,
-                seed=seeds[i] if seeds else None,
+                seed=seed + i if seed is not None else None,  # row i of a batch samples with seed + i
                 **options,
             )
             assert batch[i, T:].tolist() == alone[0, len(row) :].tolist(), f"row {i} with {options}"
@@ -131,16 +134,19 @@ def test_batch_rows_equal_rows_alone() -> None:
 @pytest.mark.parametrize(
     ("options", "flag"),
     [
-        (dict(temperature=-0.1), "--temperature"),
-        (dict(temperature=float("nan")), "--temperature"),
-        (dict(top_p=0.0), "--top-p"),
-        (dict(top_p=1.5), "--top-p"),
-        (dict(top_p=-1.0), "--top-p"),
-        (dict(top_k=-1), "--top-k"),
-        (dict(max_new_tokens=-1), "--max-new-tokens"),
+        (dict(temperature=-0.1), "temperature must be a number >= 0"),
+        (dict(temperature=float("nan")), "temperature must be a number >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=-1.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-1), "top_k must be an integer >= 0"),
+        (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+        (dict(top_kk=3), "top_kk is not a sampling option"),
+        (dict(stop="x"), "use complete"),
     ],
 )
 def test_bad_sampling_options(options: dict, flag: str) -> None:
+    """Errors name the SamplingConfig field (the CLI and server translate them)."""
     model = tiny_model()
     options = {"max_new_tokens": 4, **options}
     with pytest.raises(ConfigError, match=flag):
@@ -153,8 +159,8 @@ def test_bad_inputs() -> None:
         generate(model, torch.tensor([1, 2]), max_new_tokens=2)
     with pytest.raises(ConfigError, match=r"\[0, 97\)"):
         generate(model, torch.tensor([[1, 97]]), max_new_tokens=2)
-    with pytest.raises(ConfigError, match="one per row"):
-        generate(model, torch.tensor([[1], [2]]), max_new_tokens=2, seed=[1])
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        generate(model, torch.tensor([[1], [2]]), max_new_tokens=2, seed=[1, 2])
 
 
 def test_top_p_one_and_top_k_one() -> None:
@@ -226,34 +232,41 @@ def test_scripted_model_follows_its_script(gpt2_tokenizer: Tokenizer) -> None:
 TEXT = "Ünïcödé 🙂 text: 中文 and ✓ checks"
 
 
-def test_stream_text_never_splits_a_character(gpt2_tokenizer: Tokenizer) -> None:
+def stream(model: GPT2, tokenizer: Tokenizer, prompt: str, **options) -> tuple[list[str], list[int]]:
+    """complete(stream=True) as text pieces (empty ones left out) and every token id it reported."""
+    pieces, ids = [], []
+    for chunk in complete(model, tokenizer, prompt, stream=True, **options):
+        ids += chunk.token_ids
+        if chunk.text:
+            pieces.append(chunk.text)
+    return pieces, ids
+
+
+def test_streaming_never_splits_a_character(gpt2_tokenizer: Tokenizer) -> None:
     eot = gpt2_tokenizer.eot_token
     ids = gpt2_tokenizer.encode(TEXT)
     split = [i for i in ids if "\ufffd" in gpt2_tokenizer.decode([i])]
     assert len(split) >= 4, "the text must contain characters spread over several tokens"
     model = scripted_model([*ids, eot, *ids])
-    seen: list[int] = []
-    pieces = list(
-        stream_text(model, gpt2_tokenizer, "", max_new_tokens=100, temperature=0, on_token=seen.append)
-    )
+    pieces, seen = stream(model, gpt2_tokenizer, "", max_new_tokens=100, temperature=0)
     assert "".join(pieces) == TEXT
     assert not any("\ufffd" in p for p in pieces), pieces
     assert len(pieces) < len(ids), "bytes of one character are held back until it is complete"
-    assert seen == [*ids, eot], "on_token sees every generated id, <|endoftext|> included"
+    assert seen == [*ids, eot], "the chunks carry every generated id, <|endoftext|> included"
 
 
-def test_stream_text_continues_a_prompt(gpt2_tokenizer: Tokenizer) -> None:
+def test_streaming_continues_a_prompt(gpt2_tokenizer: Tokenizer) -> None:
     ids = gpt2_tokenizer.encode("Say: " + TEXT)
     prompt_len = len(gpt2_tokenizer.encode("Say:"))
     model = scripted_model([*ids[1:], ids[-1]])  # after position p comes ids[p + 1]
     n = len(ids) - prompt_len
-    text = "".join(stream_text(model, gpt2_tokenizer, "Say:", max_new_tokens=n, temperature=0))
-    assert text == " " + TEXT
+    pieces, _ = stream(model, gpt2_tokenizer, "Say:", max_new_tokens=n, temperature=0)
+    assert "".join(pieces) == " " + TEXT
 
 
-def test_stream_text_matches_generate_when_sampling(pair, gpt2_tokenizer: Tokenizer) -> None:
+def test_streaming_matches_generate_when_sampling(pair, gpt2_tokenizer: Tokenizer) -> None:
     ours, _ = pair
-    pieces = list(stream_text(ours, gpt2_tokenizer, PROMPT, max_new_tokens=30, temperature=1.5, seed=2))
+    pieces, _ = stream(ours, gpt2_tokenizer, PROMPT, max_new_tokens=30, temperature=1.5, seed=2)
     ids = torch.tensor([gpt2_tokenizer.encode(PROMPT)])
     out = generate(ours, ids, max_new_tokens=30, temperature=1.5, seed=2)[0, ids.shape[1] :].tolist()
     eot = gpt2_tokenizer.eot_token
@@ -333,5 +346,5 @@ def test_top_k_zero_means_no_top_k() -> None:
     off = generate(model, ids, max_new_tokens=16, seed=5, eos_token_id=-1)
     assert generate(model, ids, max_new_tokens=16, seed=5, top_k=0, eos_token_id=-1).tolist() == off.tolist()
     assert generate(model, ids, max_new_tokens=16, seed=5, top_k=3, eos_token_id=-1).tolist() != off.tolist()
-    with pytest.raises(ConfigError, match=re.escape("--top-k must be an integer >= 0 (0 = off), got -1")):
+    with pytest.raises(ConfigError, match=re.escape("top_k must be an integer >= 0 (0 = off), got -1")):
         generate(model, ids, max_new_tokens=2, top_k=-1)

@@ -13,7 +13,6 @@ from conftest import scripted_model, tiny_model
 from gpt2kit import Tokenizer, generate
 from gpt2kit.completion import complete
 from gpt2kit.errors import ConfigError
-from gpt2kit.generate import stream_text
 
 PROMPTS = [[5, 6, 7], [9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [], [40, 41]]
 
@@ -43,11 +42,11 @@ def test_batched_equals_one_by_one(model, options: dict) -> None:
         assert batched[i][: len(p)] == p, "each result starts with its prompt"
 
 
-def test_list_of_seeds_and_tensor_input_agree(model) -> None:
-    a = generate(model, [[1, 2], [3, 4]], max_new_tokens=8, seed=[7, 9])
-    b = generate(model, [[3, 4]], max_new_tokens=8, seed=9)
-    assert a[1] == b[0]
-    t = generate(model, torch.tensor([[1, 2], [3, 4]]), max_new_tokens=8, seed=[7, 9])
+def test_row_seeds_and_tensor_input_agree(model) -> None:
+    a = generate(model, [[1, 2], [3, 4]], max_new_tokens=8, seed=7)
+    b = generate(model, [[3, 4]], max_new_tokens=8, seed=8)
+    assert a[1] == b[0], "row 1 samples with seed + 1"
+    t = generate(model, torch.tensor([[1, 2], [3, 4]]), max_new_tokens=8, seed=7)
     assert t.tolist() == a  # tensor in -> tensor out, same tokens (no eos in 8 steps here)
 
 
@@ -69,12 +68,18 @@ def test_finished_rows_are_dropped_and_others_continue(gpt2_tokenizer: Tokenizer
     model = scripted_model(script)
     prompts = [[w[0]], [w[0]], [w[0]], [w[0], w[1], w[2]]]
     batch_sizes: list[int] = []
-    hook = model.register_forward_pre_hook(
-        lambda m, args, kwargs: batch_sizes.append(args[0].shape[0]), with_kwargs=True
-    )
-    out = generate(model, prompts, max_new_tokens=6, temperature=0)
-    hook.remove()
-    assert batch_sizes == [4, 4, 1, 1, 1, 1], "three rows ended after two tokens, then only one ran"
+    step = model.decode_step
+
+    def counting_step(idx, *args):  # observe the engine's decode steps
+        batch_sizes.append(idx.shape[0])
+        return step(idx, *args)
+
+    model.decode_step = counting_step  # type: ignore[method-assign]
+    try:
+        out = generate(model, prompts, max_new_tokens=6, temperature=0)
+    finally:
+        del model.decode_step
+    assert batch_sizes == [4, 1, 1, 1, 1], "three rows ended after two tokens, then only one ran"
     for i, p in enumerate(prompts):
         assert out[i] == generate(model, [p], max_new_tokens=6, temperature=0)[0]
     assert out[0] == [w[0], w[1], eot], "ends at its <|endoftext|> (included), no padding"
@@ -100,8 +105,11 @@ def test_complete_stop_strings_never_leak(gpt2_tokenizer: Tokenizer) -> None:
     rest = text[len(prompt) :]
     assert c.text == rest[: rest.index("\n\n")]
     assert c.finish_reason == "stop"
-    pieces = list(stream_text(model, tok, prompt, max_new_tokens=40, temperature=0, stop=["\n\n"]))
+    chunks = list(complete(model, tok, prompt, max_new_tokens=40, temperature=0, stop=["\n\n"], stream=True))
+    pieces = [ch.text for ch in chunks if ch.text]
     assert "".join(pieces) == c.text
+    assert chunks[-1].finish_reason == "stop"
+    assert sum(len(ch.token_ids) for ch in chunks) == len(c.token_ids)
     assert not any(p.endswith("\n") for p in pieces[-1:]), "no part of the stop string is streamed"
     # Without a stop string the same run goes to the length limit.
     [c2] = complete(model, tok, prompt, max_new_tokens=5, temperature=0)

@@ -238,9 +238,9 @@ def test_client_disconnect_cancels_generation(server) -> None:
         assert next(lines).startswith("data: ")
     # The engine notices at its next step boundary; the request leaves the engine.
     deadline = time.monotonic() + 10
-    while server.engine.load and time.monotonic() < deadline:
+    while server.worker.load and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert server.engine.load == 0
+    assert server.worker.load == 0
 
 
 def test_api_key(model_dir) -> None:

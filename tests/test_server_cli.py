@@ -32,7 +32,7 @@ def test_serve_subprocess(model_dir) -> None:
     port = free_port()
     env = {**os.environ, "GPT2KIT_API_KEY": "k"}
     proc = subprocess.Popen(
-        [*GPT2KIT, "serve", "--model", str(model_dir), "--port", str(port)],
+        [*GPT2KIT, "serve", "--model", str(model_dir), "--port", str(port), "--no-compile"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -4,13 +4,14 @@ and the server keeps serving afterwards."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 
 import httpx
 import pytest
 
 from gpt2kit.server.completions import Limits
-from gpt2kit.server.engine import SamplingParams
 from server_helpers import MODEL_NAME, make_model_dir, running_server
 
 N_CTX = 512
@@ -80,9 +81,15 @@ CASES = [
     ("seed too big", body(seed=2**70), 400, "seed"),
     ("unknown field", body(foo="bar"), 400, "foo"),
     ("misspelt field", body(max_token=5), 400, "max_token"),
-    ("frequency_penalty set", body(frequency_penalty=0.5), 400, "frequency_penalty"),
+    ("frequency_penalty out of range", body(frequency_penalty=2.5), 400, "frequency_penalty"),
     ("presence_penalty out of range", body(presence_penalty=5), 400, "presence_penalty"),
-    ("logit_bias set", body(logit_bias={"50256": -100}), 400, "logit_bias"),
+    ("logit_bias key not an id", body(logit_bias={"eos": -100}), 400, "logit_bias"),
+    ("logit_bias id past vocab", body(logit_bias={"50257": 1}), 400, "logit_bias"),
+    ("logit_bias value over 100", body(logit_bias={"50256": 101}), 400, "logit_bias"),
+    ("top_k a float", body(top_k=2.5), 400, "top_k"),
+    ("top_k below -1", body(top_k=-2), 400, "top_k"),
+    ("min_p over 1", body(min_p=1.5), 400, "min_p"),
+    ("repetition_penalty 0", body(repetition_penalty=0), 400, "repetition_penalty"),
     ("suffix set", body(suffix="end"), 400, "suffix"),
     ("best_of != n", body(best_of=3), 400, "best_of"),
     ("stream_options unknown key", body(stream=True, stream_options={"x": 1}), 400, "stream_options"),
@@ -147,6 +154,67 @@ def test_chunked_body_over_the_limit(server) -> None:
     check_error(r, 413, None)
 
 
+def raw_exchange(url: str, head: bytes, body_parts) -> bytes:
+    """Send a whole request over a plain socket before reading, then read to the server's close.
+
+    A reset instead of a close raises ConnectionResetError here, as it does in any client.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head)
+        for part in body_parts:
+            sock.sendall(part)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[str, str], dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+TEN_MB = b'{"model": "tiny", "prompt": "' + b"a" * 10_000_000 + b'"}'
+
+
+def test_10mb_body_gets_a_readable_413_and_a_clean_close(server) -> None:
+    """The client writes all 10 MB before it reads: the 413 must still be there to read."""
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {len(TEN_MB)}\r\n\r\n".encode()
+    status, headers, body = parse_response(raw_exchange(server.url, head, [TEN_MB]))
+    assert status == 413
+    assert headers["connection"] == "close"
+    assert body["error"]["code"] == "request_too_large"
+    still_serving(server)
+
+
+def test_10mb_chunked_body_gets_a_readable_413(server) -> None:
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    step = 1 << 20
+    parts = [
+        b"%x\r\n%s\r\n" % (len(p), p) for p in (TEN_MB[i : i + step] for i in range(0, len(TEN_MB), step))
+    ]
+    status, headers, body = parse_response(raw_exchange(server.url, head, [*parts, b"0\r\n\r\n"]))
+    assert status == 413 and headers["connection"] == "close"
+    assert body["error"]["code"] == "request_too_large"
+
+
+def test_huge_declared_body_is_refused_without_reading_it(server) -> None:
+    """Past the drain bound the server answers at once; it never reads a 10 GB body."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000000\r\n\r\n")
+        sock.sendall(b"a" * 100_000)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    status, headers, _ = parse_response(received)
+    assert status == 413 and headers["connection"] == "close"
+    still_serving(server)
+
+
 def test_wrong_method_and_path(server) -> None:
     check_error(httpx.get(f"{server.url}/v1/completions"), 405, None)
     check_error(httpx.post(f"{server.url}/v1/chat/nothing", json=OK), 404, None)
@@ -169,13 +237,30 @@ def test_truncation_is_explicit(server) -> None:
 
 def test_429_when_the_queue_is_full(model_dir) -> None:
     with running_server(model_dir, max_pending=1) as s:
-        blocker = s.engine.submit([464], SamplingParams(max_tokens=N_CTX - 1, seed=0))[0]
+        # Hold the engine inside its decode step until the second request has been answered.
+        gate = threading.Event()
+        model = s.worker.model
+        step = model.decode_step
+
+        def held_step(*args):
+            gate.wait(30)
+            return step(*args)
+
+        model.decode_step = held_step
         try:
-            r = httpx.post(f"{s.url}/v1/completions", json=OK, timeout=60)
-            check_error(r, 429, None)
+            blocker = body(prompt=[464], max_tokens=50, seed=0, stream=True)
+            with httpx.stream("POST", f"{s.url}/v1/completions", json=blocker, timeout=60) as stream:
+                next(stream.iter_lines())  # the blocker is running (its first token came from the prefill)
+                r = httpx.post(f"{s.url}/v1/completions", json=OK, timeout=60)
+                check_error(r, 429, None)
+                assert int(r.headers["retry-after"]) >= 1
+                gate.set()
         finally:
-            blocker.cancel()
-        list(blocker.events(timeout=60))
+            gate.set()
+            del model.decode_step
+        deadline = time.monotonic() + 10
+        while s.worker.load and time.monotonic() < deadline:  # the client left: its row was cancelled
+            time.sleep(0.02)
         still_serving(s)
 
 
@@ -184,9 +269,9 @@ def test_request_timeout(model_dir) -> None:
         r = httpx.post(f"{s.url}/v1/completions", json=body(max_tokens=N_CTX - 2), timeout=60)
         check_error(r, 504, None)
         deadline = time.monotonic() + 10
-        while s.engine.load and time.monotonic() < deadline:  # the timed-out row was cancelled
+        while s.worker.load and time.monotonic() < deadline:  # the timed-out row was cancelled
             time.sleep(0.02)
-        assert s.engine.load == 0
+        assert s.worker.load == 0
 
 
 def test_still_serving_after_all_that(server) -> None:

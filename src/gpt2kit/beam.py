@@ -5,7 +5,7 @@ Each prompt keeps `num_beams` running hypotheses. Every step scores all
 `2 * num_beams` (so enough non-finished ones remain), moves the candidates that end with
 <|endoftext|> or reach the length limit into the finished set, scored
 `sum_logprobs / new_len ** length_penalty`, and continues the best `num_beams` others.
-The KV cache rows follow their beams (`KVCache.select_rows`). Like `transformers`, it
+The engine's cache slots follow their beams (`SlotCache.reorder`). Like `transformers`, it
 stops when no running beam can beat the worst finished one (`early_stopping=False`,
 judged at the current length), when every prompt has `num_beams` finished hypotheses
 (`early_stopping=True`), or at `max_new_tokens`.
@@ -20,9 +20,12 @@ import math
 import torch
 from torch import Tensor
 
+from gpt2kit.engine import SlotCache, step_for
 from gpt2kit.errors import ConfigError
-from gpt2kit.model import GPT2, KVCache, use_decode_layout
-from gpt2kit.processors import History, build_pipeline
+from gpt2kit.model import GPT2, use_decode_layout
+from gpt2kit.processors import History, penalise
+from gpt2kit.prompts import fit_prompt, left_pad, unpad
+from gpt2kit.sampling import SamplingConfig
 
 NEG = -1.0e9  # the "impossible" score transformers adds; kept identical so ties break alike
 
@@ -52,24 +55,35 @@ def beam_search(
     eos_token_id: int | None = None,
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
+    compile: bool | None = None,
 ) -> Tensor:
-    """Best beam per prompt: [B, T + new] ids, shorter results padded with eos (as `transformers`)."""
-    from gpt2kit.generate import prepare_prompt
+    """Best beam per prompt: [B, T + new] ids, shorter results padded with eos (as `transformers`).
 
+    `input_ids` [B, T], left-padded when `attention_mask` is given; prompts longer than the
+    context keep their last tokens. `repetition_penalty` and `no_repeat_ngram_size` edit the
+    beams' log-probabilities as in `transformers`. `compile` as in `generate`: the beams
+    decode with the engine's compiled step when one is saved (or built, with True).
+    """
     if early_stopping not in (True, False, "never"):
         raise ConfigError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    if not isinstance(num_beams, int) or num_beams < 1:
-        raise ConfigError(f"--num-beams must be an integer >= 1, got {num_beams!r}")
+    if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 1:
+        raise ConfigError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     check_length_penalty(length_penalty)
+    penalties = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=0,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+    )
     device = model.wte.weight.device
     if device.type == "cpu":
         use_decode_layout(model)
-    prompt, mask, max_new = prepare_prompt(model, input_ids, attention_mask, max_new_tokens)
-    if max_new == 0:
+    prompts = [fit_prompt(model, p, max_new_tokens) for p in unpad(input_ids, attention_mask)]
+    pad = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    prompt, mask = left_pad(prompts, pad)
+    max_new = min(max_new_tokens, model.config.n_positions - max(len(p) for p in prompts))
+    if max_new <= 0:
         return prompt
-    pipeline = build_pipeline(
-        temperature=0, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size
-    )
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     B, T = prompt.shape
     K, V = num_beams, model.config.vocab_size
@@ -93,14 +107,16 @@ def beam_search(
     parents = running_parent.clone()
     batch_offset = torch.arange(B, device=device)[:, None] * K
 
-    cache = KVCache.allocate(model.config, B * K, max_length, device=device, dtype=model.wte.weight.dtype)
-    logits = model(ids, attention_mask=flat_mask, kv_cache=cache, last_only=True).logits[:, -1]
+    lengths = [len(p) for p in prompts for _ in range(K)]  # real prompt length of each row
+    max_len = max(lengths) + max_new
+    step = step_for(model, slots=B * K, max_len=max_len, compile=compile)
+    cache = SlotCache(model, slots=B * K, max_len=max_len, step=step)
+    _, logits = cache.prefill(0, [p for p in prompts for _ in range(K)])
     cur = T
     while True:
         logp = logits.float().log_softmax(dim=-1)  # (B*K, V)
-        if pipeline.processors:
-            seen = torch.cat([valid, valid.new_ones(B * K, cur - T)], dim=1)
-            logp = pipeline(logp, History(running[:, :, :cur].reshape(B * K, cur), seen))
+        if penalties.needs_seen or penalties.no_repeat_ngram_size:
+            logp = penalise(logp, penalties, _history(running[:, :, :cur].reshape(B * K, cur), valid, V))
         logp = (logp.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
         topk_scores, topk_index = torch.topk(logp, k=keep)  # (B, 2K)
         beam = topk_index // V
@@ -135,7 +151,7 @@ def beam_search(
         parents = _gather(torch.cat([parents, topk_parent], dim=1), best)
         finished = _gather(torch.cat([finished, just], dim=1), best)
 
-        cache.select_rows(running_parent[:, :, cur - T].reshape(-1))
+        cache.reorder(running_parent[:, :, cur - T].reshape(-1))
         cur += 1
         length = (max_length - T) if (early_stopping == "never" and length_penalty > 0.0) else (cur - T)
         best_running = running_scores[:, :1] / (length**length_penalty)
@@ -144,8 +160,19 @@ def beam_search(
         all_full = bool(finished.all()) and early_stopping is True
         if not bool(improvable.any()) or all_full or bool(hits.all()):
             break
-        logits = model(running[:, :, cur - 1].reshape(B * K, 1), kv_cache=cache, last_only=True).logits[:, -1]
+        positions = [n + cur - 1 - T for n in lengths]  # the new token's position in each row
+        logits = cache.decode(running[:, :, cur - 1].reshape(B * K), positions)
 
     out = sequences[:, 0]  # (B, max_length)
     new_len = int((parents[:, 0] + 1).bool().sum(dim=1).max())
     return out[:, : T + new_len].cpu()
+
+
+def _history(ids: Tensor, valid: Tensor, V: int) -> History:
+    """The beams' tokens so far (B*K, L), prompt padding (the first columns where `valid` is False) left out."""
+    L = ids.shape[1]
+    real = torch.cat([valid, valid.new_ones(ids.shape[0], L - valid.shape[1])], dim=1)
+    seen = torch.zeros(ids.shape[0], V + 1, dtype=torch.bool, device=ids.device)
+    seen.scatter_(1, ids.masked_fill(~real, V), True)  # padding goes to a scratch column V
+    tokens = [row[ok].tolist() for row, ok in zip(ids.cpu(), real.cpu(), strict=True)]
+    return History(seen=seen[:, :V], tokens=tokens)

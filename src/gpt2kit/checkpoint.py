@@ -20,8 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from gpt2kit import atomic
 from gpt2kit.config import GPT2Config
+from gpt2kit.device import auto_dtype, pick_device, pick_dtype
 from gpt2kit.errors import CheckpointError, ConfigError
 from gpt2kit.model import GPT2
+from gpt2kit.quantize import check_method, quantize_int8
 from gpt2kit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,24 @@ def load_model(
     name_or_path: str | os.PathLike[str],
     *,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
 ) -> GPT2:
     """Load a model directory, or download a hub id ("gpt2", "openai-community/gpt2-xl").
 
-    >>> model = load_model("path/to/gpt2")  # doctest: +SKIP
+    `dtype`: None keeps the checkpoint's own; else a torch dtype or its name ("float32",
+    "bfloat16", "float16", or "auto": bf16 where `device` computes it natively, see
+    `gpt2kit.device.auto_dtype`). `quantize="int8"`: int8 weights for inference, computing in
+    `dtype`, in the scheme `gpt2kit.quantize.pick_scheme` picks for `device` ("int8-dynamic"
+    or "int8-weight-only" choose one); the scheme used is `model.quantization`.
+
+    >>> model = load_model("path/to/gpt2", dtype="bfloat16", quantize="int8")  # doctest: +SKIP
     """
+    check_method(quantize)
+    device = pick_device(str(device), flag="device=")
+    auto = isinstance(dtype, str) and dtype == "auto"
+    if dtype is not None:
+        dtype = pick_dtype(dtype, device, flag="dtype=")
     path = resolve(name_or_path)
     config = GPT2Config.from_json_file(path / "config.json")
     state = read_state_dict(path)
@@ -57,7 +71,12 @@ def load_model(
     model.load_state_dict(state, assign=True)
     if config.position_embedding == "sinusoidal":
         model.wpe_table = _sinusoid(config)  # a non-persistent buffer, still on meta
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if auto:
+        log.info("dtype auto: %s (%s)", str(dtype).removeprefix("torch."), auto_dtype(device)[1])
+    if quantize is not None:
+        quantize_int8(model, scheme=quantize)
+    return model
 
 
 def _sinusoid(config: GPT2Config) -> torch.Tensor:
@@ -214,6 +233,12 @@ def from_hf_state_dict(
 def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
     """The state dict `transformers.GPT2LMHeadModel` expects (tied lm_head omitted)."""
     config = model.config
+    quantization = getattr(model, "quantization", None)
+    if quantization is not None:
+        raise ConfigError(
+            f"the model is quantized ({quantization}) and checkpoints hold float weights; "
+            "save it before quantizing and pass quantize='int8' when loading it"
+        )
     out = {}
     for key, value in strip_prefixes(model.state_dict()).items():
         value = value.detach()

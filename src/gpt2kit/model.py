@@ -89,11 +89,12 @@ class CausalSelfAttention(nn.Module):
         cache: tuple[Tensor, Tensor] | None = None,
         start: int | Tensor = 0,
     ) -> Tensor:
-        """`start`: where the new positions go in `cache`. A tensor of the T cache indices
-        (compiled decoding, `gpt2kit.compiled`) keeps every shape static: the whole cache is
-        attended to and `attn_mask` (True = may attend) hides the positions not written yet.
-        There attention is written out, so that inductor fuses it into its own loops: for
-        one query the CPU flash kernel's fixed cost per call was ~12% of a gpt2 step."""
+        """`start`: where the new positions go in `cache`, the same for every row (an int), or
+        one position per row (B,) for one new token per row (`decode_step`). There every shape
+        is static: the whole cache is attended to and `attn_mask` (True = may attend) hides
+        the positions a row has not written. Attention is written out there, so that inductor
+        fuses it into its own loops: for one query the CPU flash kernel's fixed cost per call
+        was ~12% of a gpt2 step."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
@@ -102,12 +103,16 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k_cache, v_cache = cache
             if isinstance(start, Tensor):
-                k_cache.index_copy_(2, start, k)
-                v_cache.index_copy_(2, start, v)
-                att = (q @ k_cache.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_size))  # (B, nh, T, L)
-                att = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
-                y = (att @ v_cache).transpose(1, 2).reshape(B, T, C)
-                return self.resid_dropout(self.c_proj(y))
+                rows = torch.arange(B, device=x.device)
+                k_cache[rows, :, start] = k[:, :, 0]  # row b's key at its own position start[b]
+                v_cache[rows, :, start] = v[:, :, 0]
+                if torch.compiler.is_compiling():
+                    att = (q @ k_cache.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_size))  # (B, nh, 1, L)
+                    att = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
+                    y = att @ v_cache  # (B, nh, 1, hs)
+                else:  # eager: one fused kernel beats three small ones (and their thread syncs)
+                    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=attn_mask)
+                return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
             k_cache[:, :, start : start + T] = k
             v_cache[:, :, start : start + T] = v
             k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, nh, L, hs)
@@ -216,7 +221,8 @@ class GPT2(nn.Module):
 
     def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
         """Parameters, the tied wte/lm_head counted once (GPT2.md's table counts them so)."""
-        n = sum(p.numel() for p in self.parameters())
+        # lm_head, where a quantized model has one, is a copy of wte.
+        n = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("lm_head."))
         if exclude_embeddings:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if hasattr(self, "wpe") else 0)
         return n
@@ -286,8 +292,42 @@ class GPT2(nn.Module):
             x = block(x, attn_mask, is_causal, caches[i] if caches is not None else None, start)
         return self.ln_f(x)
 
+    def prefill(self, idx: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]) -> Tensor:
+        """Hidden states (B, T, C) of prompts starting at position 0, their keys and values written
+        into positions 0..T-1 of `k_cache[i]`/`v_cache[i]` (B, nh, L, hs) for layer i.
+
+        Rows may be right-padded to a common T: attention is causal, so a row's real tokens
+        never see its padding, and the padding's cache entries are masked by `decode_step`
+        until they are overwritten. Read row b's next-token state at its last real position.
+        """
+        T = idx.shape[1]
+        positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
+        caches = list(zip(k_cache, v_cache, strict=True))
+        return self.hidden_states(idx, positions, None, True, caches, 0)
+
+    def decode_step(
+        self, idx: Tensor, input_pos: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]
+    ) -> Tensor:
+        """Logits (B, V) of one new token per row, row b at its own position `input_pos[b]`.
+
+        `idx` (B, 1) the tokens, `input_pos` (B,) int64, `k_cache[i]`/`v_cache[i]` (B, nh, L, hs)
+        layer i's cache. Row b's key and value are written at `input_pos[b]`, and it attends to
+        its own positions 0..input_pos[b] only: rows are independent, so a row can join or
+        leave a batch (a cache slot) without any tensor changing shape. This is the function
+        the compiled step compiles (`gpt2kit.compiled`).
+        """
+        L = k_cache[0].shape[2]
+        written = torch.arange(L, device=idx.device)[None, :] <= input_pos[:, None]  # (B, L)
+        attn_mask = written[:, None, None, :]  # (B, 1, 1, L)
+        caches = list(zip(k_cache, v_cache, strict=True))
+        x = self.hidden_states(idx, input_pos[:, None], attn_mask, False, caches, input_pos)
+        return self.logits(x[:, -1])  # (B, V)
+
     def logits(self, x: Tensor) -> Tensor:
-        """The tied output projection; rows past vocab_size (padding) are never scored."""
+        """The tied output projection; rows past vocab_size (padding) are never scored.
+        A quantized model has an int8 copy of it, `lm_head` (gpt2kit.quantize)."""
+        if "lm_head" in self._modules:
+            return self.lm_head(x)
         return F.linear(x, self.wte.weight[: self.config.vocab_size])
 
     def _positions(self, position_ids: Tensor) -> Tensor:
@@ -313,6 +353,8 @@ def use_decode_layout(model: nn.Module) -> None:
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dim() == 2:
                 w = module.weight
+                if type(w.data) is not Tensor:  # a quantized weight (gpt2kit.quantize) has its own layout
+                    continue
                 if w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
                     w.data = w.data.t().contiguous().t()
 

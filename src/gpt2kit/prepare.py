@@ -5,7 +5,8 @@
 3. Choose the tokenizer: GPT-2's, a saved one, or train a byte-level BPE on the train split.
 4. Tokenize in parallel threads (tiktoken releases the GIL), `<|endoftext|>` after each document.
 5. Write `train-00000.bin`, ... and `val-00000.bin`, ... atomically, `meta.json` last
-   (the layout is `gpt2kit.data`'s), so a crash never leaves a directory that looks complete.
+   (the layout is `gpt2kit.data`'s), so a crash never leaves a directory that looks complete;
+   a rerun deletes what a crashed run left half written.
 
 >>> meta = prepare(["shakespeare"], Path("data/shakespeare"), tokenizer="bpe:4096")  # doctest: +SKIP
 >>> meta["splits"]["train"]["tokens"]  # doctest: +SKIP
@@ -112,6 +113,7 @@ def prepare(
     dtype = token_data.dtype_for(tok.n_vocab)
     out.mkdir(parents=True, exist_ok=True)
     old_meta = _forget_previous(out)
+    _remove_crash_leftovers(out)
     writers = {
         split: ShardWriter(out, split, dtype=dtype, shard_tokens=shard_tokens) for split in ("train", "val")
     }
@@ -412,6 +414,16 @@ def _forget_previous(out: Path) -> dict[str, Any]:
         old = {}
     path.unlink()
     return old
+
+
+def _remove_crash_leftovers(out: Path) -> None:
+    """Delete the temporary files a killed run left (a shard or meta.json half written).
+
+    They never look like data (hidden, `.tmp`), but a shard's can be hundreds of MB.
+    """
+    for pattern in (".train-*.bin.*.tmp", ".val-*.bin.*.tmp", ".meta.json.*.tmp"):
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def _remove_stale_shards(out: Path, *, keep: set[str]) -> None:

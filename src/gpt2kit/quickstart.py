@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from gpt2kit.data import TokenData, read_meta
+from gpt2kit.device import pick_device
 from gpt2kit.errors import ConfigError, Gpt2kitError
 from gpt2kit.runcheckpoint import checkpoint_dirs
-from gpt2kit.train import Dist, pick_device, train
+from gpt2kit.train import train
 from gpt2kit.trainconfig import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def quickstart(
         )
     if minutes <= 0 and max_steps is None:
         raise ConfigError(f"--minutes must be > 0 (got {minutes}), or pass --max-steps")
-    device = str(pick_device(device, Dist()))  # a bad --device fails here, before any work
+    device = str(pick_device(device))  # a bad --device fails here, before any work
 
     data_dir = out / "data"
     if _prepared(data_dir, inputs, tokenizer):

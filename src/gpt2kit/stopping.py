@@ -15,19 +15,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence
 
-from gpt2kit.errors import ConfigError
-
-
-def check_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Normalise `stop` to a tuple of non-empty strings, or raise ConfigError."""
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    out = tuple(stop)
-    if any(not isinstance(s, str) or not s for s in out):
-        raise ConfigError(f"stop strings must be non-empty strings, got {list(out)!r}")
-    return out
+from gpt2kit.sampling import check_stop
 
 
 class TextStream:
@@ -39,13 +27,20 @@ class TextStream:
         self._pending = ""  # decoded text not yet released: it may start a stop string
         self.text = ""  # everything released so far
         self.stopped = False
+        self.tokens = 0  # tokens pushed until the stream stopped (the one completing a stop string counts)
 
     def push(self, data: bytes) -> str:
         """Add one token's bytes; return the text that is now final ('' if none)."""
         if self.stopped:
             return ""
+        self.tokens += 1
         self._pending += self._decoder.decode(data)
         return self._release(final=False)
+
+    @property
+    def decoded(self) -> int:
+        """Characters decoded so far, released or held back (where the next token's text starts)."""
+        return len(self.text) + len(self._pending)
 
     def finish(self) -> str:
         """End of generation: flush what was held back (an unfinished stop string is plain text)."""

@@ -52,6 +52,7 @@ from gpt2kit.batches import BlockSampler, micro_steps
 from gpt2kit.checkpoint import from_hf_state_dict, read_state_dict, resolve, save_model
 from gpt2kit.config import GPT2Config
 from gpt2kit.data import TokenData
+from gpt2kit.device import auto_dtype, pick_device
 from gpt2kit.errors import CheckpointError, ConfigError, DataError, Gpt2kitError
 from gpt2kit.metrics import MetricsLog
 from gpt2kit.model import GPT2
@@ -201,40 +202,18 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(rank, local, world)
 
 
-def pick_device(name: str, d: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and d.enabled:
-        name = f"cuda:{d.local_rank}"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(
-            f"device {name!r} is not a device torch knows; use cpu, cuda, cuda:N or auto"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device is {name!r} but no CUDA GPU is available; use --set device=cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(
-            f"device is {name!r} but MPS is not available here (Apple GPUs only); use --set device=cpu"
-        )
-    return device
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 matrix products in hardware: GPUs with bf16, or CPUs with
-    AVX512-BF16 or AMX (where oneDNN's bf16 GEMMs are 2-4x its float32 ones)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
-
-
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain float32). Weights and optimizer state stay float32."""
+    """The autocast dtype (None: plain float32). Weights and optimizer state stay float32.
+
+    `dtype = "auto"` is gpt2kit.device's choice (bf16 where the GPU or CPU computes it
+    natively) on CUDA and CPUs; on MPS it stays float32 (bf16 training there is unmeasured).
+    """
     if cfg.dtype == "auto":
-        return torch.bfloat16 if native_bf16(device) else None
+        if device.type not in ("cuda", "cpu"):
+            return None
+        dtype, reason = auto_dtype(device)
+        log.info("dtype auto: %s: %s", reason, "bf16 autocast" if dtype == torch.bfloat16 else "float32")
+        return None if dtype == torch.float32 else dtype
     return None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
 
 
@@ -312,7 +291,7 @@ def _train(
         )
     if not cfg.data:
         raise ConfigError("data is not set; pass --data DATA_DIR (a directory made by gpt2kit prepare)")
-    device = pick_device(cfg.device, d)
+    device = pick_device(cfg.device, local_rank=d.local_rank if d.enabled else None, flag="--set device=")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 parts
     data = TokenData.open(cfg.data)

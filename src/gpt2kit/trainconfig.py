@@ -16,16 +16,17 @@ import difflib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpt2kit.errors import ConfigError
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = None  # type: ignore[assignment]
+else:  # the same parser, as a package (a dependency on Python 3.10)
+    import tomli as tomllib
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -190,17 +191,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"--set expects key=value, got {item!r}; e.g. --set max_steps=500")
     raw = raw.strip()
-    if tomllib is not None:
-        try:
-            return key, tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            pass
-    return key, raw  # e.g. device=cuda or init_from=runs/x/final without quotes
+    try:
+        return key, tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, raw  # e.g. device=cuda or init_from=runs/x/final without quotes
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    if tomllib is None:  # pragma: no cover - Python 3.10 without tomli
-        raise ConfigError("reading TOML configs needs Python >= 3.11; use --set key=value instead")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

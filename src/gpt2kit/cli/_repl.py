@@ -42,13 +42,10 @@ def readline_history(path: Path) -> Iterator[None]:
             readline.write_history_file(path)
 
 
-def prompt_loop(model, tokenizer, args: argparse.Namespace) -> int:
-    """Read prompts until EOF; stream each continuation with the sampling flags of `args`."""
-    from gpt2kit.cli.generate import encode_prompt
+def prompt_loop(model, tokenizer, config, args: argparse.Namespace) -> int:
+    """Read prompts until EOF; stream each continuation with `config` (a SamplingConfig)."""
+    from gpt2kit.cli.generate import encode_prompt, stream_completion
     from gpt2kit.errors import Gpt2kitError
-    from gpt2kit.generate import stream_text
-
-    allow_special = getattr(args, "allow_special", False)
 
     out = sys.stdout
     print(HELP, file=sys.stderr)
@@ -67,38 +64,12 @@ def prompt_loop(model, tokenizer, args: argparse.Namespace) -> int:
             if not line.strip():
                 continue
             try:  # a bad prompt (a special token) is reported; the session goes on
-                encode_prompt(tokenizer, line, allow_special=allow_special)
+                encode_prompt(tokenizer, line, allow_special=args.allow_special)
             except Gpt2kitError as e:
                 print(f"error: {e}", file=sys.stderr)
                 continue
-            out.write(line)
-            out.flush()
-            tokens: list[int] = []
             t0 = time.perf_counter()
-            try:
-                for piece in stream_text(
-                    model,
-                    tokenizer,
-                    line,
-                    max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature,
-                    top_k=args.top_k,
-                    top_p=args.top_p,
-                    seed=args.seed,
-                    on_token=tokens.append,
-                    allowed_special="all" if allow_special else frozenset(),
-                    # The generate command's other sampling flags, when it has them.
-                    **{
-                        name: getattr(args, name)
-                        for name in ("stop", "min_p", "repetition_penalty", "no_repeat_ngram_size", "compile")
-                        if getattr(args, name, None) is not None
-                    },
-                ):
-                    out.write(piece)
-                    out.flush()
-            except KeyboardInterrupt:
-                pass  # stop this generation, keep the loop
-            dt = time.perf_counter() - t0
-            out.write("\n")
-            out.flush()
-            print(f"[{len(tokens)} tokens in {dt:.2f}s]", file=sys.stderr)
+            tokens = 0
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops this generation, not the loop
+                tokens, _ = stream_completion(model, tokenizer, line, config, args)
+            print(f"[{tokens} tokens in {time.perf_counter() - t0:.2f}s]", file=sys.stderr)

@@ -16,6 +16,7 @@ TASKS = ("perplexity", "lambada", "multiple-choice", "generate")
 EXAMPLE = """examples:
   gpt2kit eval --model gpt2 --task perplexity --data wiki.txt --stride 512 --output ppl.json
   gpt2kit eval --model gpt2 --task lambada --data lambada_test.jsonl --output lambada.json
+  gpt2kit eval --model gpt2 --task lambada --data lambada_test.jsonl --target token   # the paper's scoring
   gpt2kit eval --model gpt2 --task multiple-choice --data hellaswag_val.jsonl --limit 500
   gpt2kit eval --model gpt2 --task generate --data qa_sample --shots 3 --seed 1
   gpt2kit eval --model gpt2 --task lambada --data lambada_sample   # a bundled sample task
@@ -27,6 +28,7 @@ multiple_choice_sample.jsonl, qa_sample.jsonl, translate_sample.jsonl
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
+    from gpt2kit.cli._model import add_flags
 
     p = sub.add_parser(
         "eval",
@@ -57,6 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "None = C/2",
     )
     p.add_argument(
+        "--target",
+        choices=["word", "token"],
+        default=None,
+        help="lambada: word = greedy decoding must produce the whole last word (lm-eval-harness); "
+        "token = the top prediction must be the passage's final BPE token (the GPT-2 paper); None = word",
+    )
+    p.add_argument(
         "--shots", type=int, default=None, help="few-shot examples in each prompt (JSONL tasks); None = 0"
     )
     p.add_argument(
@@ -72,13 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generate: tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="generate: 0 = greedy")
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights dtype; auto = bf16 on CUDA",
-    )
+    add_flags(p, dtype_default="float32")
     p.set_defaults(func=run)
 
 
@@ -95,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     import contextlib
     import sys
 
-    from gpt2kit.checkpoint import load_model, load_tokenizer
-    from gpt2kit.cli.generate import pick_device, pick_dtype
+    from gpt2kit.checkpoint import load_tokenizer
+    from gpt2kit.cli._model import load
     from gpt2kit.evals import report
 
     # Everything the flags and the data file alone can tell is checked before the model
@@ -110,17 +113,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         data, task_info = read_task(args)
 
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    model = load_model(args.model, device=device, dtype=dtype)
+    model, device = load(args)
     tokenizer = load_tokenizer(args.model)
     settings = {
         "shots": None if args.task == "perplexity" else args.shots,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "limit": args.limit,
-        "device": device,
-        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "dtype": str(model.wte.weight.dtype).removeprefix("torch."),
+        "quantization": getattr(model, "quantization", None),
     }
     t0 = time.perf_counter()
     if args.task == "perplexity":
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
 def check_flags(args: argparse.Namespace) -> None:
     """Bounds of the numeric flags, and no flag the chosen task would silently ignore."""
     from gpt2kit.errors import ConfigError
-    from gpt2kit.sampling import check_sampling
+    from gpt2kit.sampling import SamplingConfig, SamplingError
 
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
@@ -160,7 +162,10 @@ def check_flags(args: argparse.Namespace) -> None:
     ):
         if value is not None and value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
-    check_sampling(temperature=args.temperature)
+    try:
+        SamplingConfig(temperature=args.temperature)
+    except SamplingError as e:
+        raise ConfigError(f"--{e.field} {e.message}") from None
     if args.task == "perplexity":
         given = [flag for flag, attr in JSONL_ONLY if getattr(args, attr) is not None]
         if given:
@@ -170,6 +175,8 @@ def check_flags(args: argparse.Namespace) -> None:
             )
     elif args.stride is not None:
         raise ConfigError(f"--stride: only for --task perplexity, not --task {args.task}; drop it")
+    if args.target is not None and args.task != "lambada":
+        raise ConfigError(f"--target: only for --task lambada, not --task {args.task}; drop it")
 
 
 def check_output(output: str | None) -> None:
@@ -269,7 +276,8 @@ def evaluate(
     if args.task == "lambada":
         from gpt2kit.evals.lambada import evaluate_lambada
 
-        return evaluate_lambada(model, tokenizer, data, **common)
+        settings["target"] = args.target or "word"
+        return evaluate_lambada(model, tokenizer, data, target=settings["target"], **common)
     if args.task == "multiple-choice":
         from gpt2kit.evals.multiple_choice import evaluate_multiple_choice
 

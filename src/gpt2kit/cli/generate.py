@@ -18,13 +18,14 @@ EXAMPLE = r"""examples:
   gpt2kit generate --model gpt2 --prompt "Once" --n 3 --seed 0 --max-new-tokens 20  # 3 samples
   gpt2kit generate --model gpt2 --prompt "Hello" --max-new-tokens 5 --logprobs 3  # + a log-prob table
   gpt2kit generate --model gpt2 --prompt "<|endoftext|>Hello" --allow-special
-  gpt2kit generate --model gpt2 --prompt "Hello" --quantize int8     # 4x smaller block weights
+  gpt2kit generate --model gpt2 --prompt "Hello" --dtype bfloat16 --quantize int8  # int8 weights
   gpt2kit generate --model gpt2 --prompt "Once" --max-new-tokens 500 --compile  # compiled steps
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
+    from gpt2kit.cli._model import add_flags
 
     p = sub.add_parser(
         "generate",
@@ -52,6 +53,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None, help=">1 discourages seen tokens")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram")
     p.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="OpenAI's: -2..2, subtracted once from seen tokens",
+    )
+    p.add_argument(
+        "--frequency-penalty", type=float, default=0.0, help="OpenAI's: -2..2, subtracted per occurrence"
+    )
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        default=None,
+        metavar="ID=BIAS",
+        help="add BIAS (-100..100) to token ID's logit (repeatable; -100 bans it)",
+    )
+    p.add_argument(
         "--stop",
         action="append",
         default=None,
@@ -69,87 +86,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (no streaming)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: >0 favours long outputs")
     p.add_argument("--seed", type=int, default=None, help="make the sample reproducible")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bfloat16 on a GPU that supports it, else float32 (bf16 is slower on CPUs without AVX512-BF16)",
-    )
-    p.add_argument(
-        "--quantize", default=None, choices=["int8"], help="int8 weight-only block weights (less memory)"
-    )
+    add_flags(p)
     p.add_argument(
         "--interactive", action="store_true", help="a prompt loop (readline history); Ctrl-D quits"
     )
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="compile the decode step first (about a minute on CPU, needs a C++ compiler), then decode "
-        "about 1.4x faster than without it (gpt2 at batch 1 on a 2-core CPU; about 2x transformers): "
-        "for long outputs and --interactive sessions",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--compile builds the compiled decode step if it isn't saved yet (once per model, dtype "
+        "and machine; needs a C++ compiler) and uses it; --no-compile never uses one; by default a saved "
+        "one is used when there is one (see docs/generation.md)",
     )
     p.set_defaults(func=run)
-
-
-def pick_device(name: str) -> str:
-    """The --device flag as a torch device string; a one-line ConfigError if this torch can't use it."""
-    import torch
-
-    from gpt2kit.errors import ConfigError
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if _mps_available():
-            return "mps"
-        return "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"--device {name}: unknown device; use cpu, cuda, cuda:N, mps or auto") from None
-    if device.type == "cuda":
-        _check_cuda(name, device.index)
-    elif device.type == "mps" and not _mps_available():
-        raise ConfigError(f"--device {name}: MPS is not available here (Apple GPUs only); use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {name}: gpt2kit runs on cpu, cuda or mps; use one of those or auto")
-    return name
-
-
-def _check_cuda(name: str, index: int | None) -> None:
-    import torch
-
-    from gpt2kit.errors import ConfigError
-
-    if not torch.cuda.is_available():
-        if torch.version.cuda is None and torch.version.hip is None:
-            raise ConfigError(
-                f"--device {name}: this torch has no CUDA (torch.cuda.is_available() is False); "
-                "use --device cpu or install a CUDA build of torch"
-            )
-        raise ConfigError(
-            f"--device {name}: no CUDA GPU is visible (torch.cuda.is_available() is False); "
-            "check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu"
-        )
-    count = torch.cuda.device_count()
-    if index is not None and index >= count:
-        raise ConfigError(f"--device {name}: there are {count} CUDA GPUs (cuda:0 to cuda:{count - 1})")
-
-
-def _mps_available() -> bool:
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps and mps.is_available())
-
-
-def pick_dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -173,32 +122,73 @@ def unescape(text: str) -> str:
     return _ESCAPE.sub(one, text)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Every flag and combination of flags, before anything loads or prints (ConfigError)."""
+# SamplingConfig's fields under their flag names: the one place the CLI translates them.
+FLAGS = {"n": "--n", "logit_bias": "--logit-bias", "stop": "--stop"}
+
+
+def sampling_config(args: argparse.Namespace):
+    """The sampling flags as one SamplingConfig; its errors name the flag (ConfigError)."""
+    from gpt2kit.errors import ConfigError
+    from gpt2kit.sampling import SamplingConfig, SamplingError
+
+    options = {
+        name: getattr(args, name)
+        for name in (
+            "max_new_tokens",
+            "temperature",
+            "top_k",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "no_repeat_ngram_size",
+            "stop",
+            "n",
+            "seed",
+            "logprobs",
+        )
+        if getattr(args, name, None) is not None
+    }
+    try:
+        options["logit_bias"] = _logit_bias(getattr(args, "logit_bias", None) or [])
+        return SamplingConfig(**options)
+    except SamplingError as e:
+        flag = FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
+        raise ConfigError(f"{flag} {e.message}") from None
+
+
+def _logit_bias(items: list[str]) -> dict[int, float]:
+    from gpt2kit.sampling import SamplingError
+
+    bias = {}
+    for item in items:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise SamplingError("logit_bias", f"takes ID=BIAS, e.g. 50256=-100; got {item!r}") from None
+        if not sep:
+            raise SamplingError("logit_bias", f"takes ID=BIAS, e.g. 50256=-100; got {item!r}")
+    return bias
+
+
+def check_args(args: argparse.Namespace):
+    """Every flag and combination of flags, before anything loads or prints (ConfigError);
+    returns the SamplingConfig."""
     from gpt2kit.beam import check_length_penalty
     from gpt2kit.errors import ConfigError
-    from gpt2kit.processors import build_pipeline
 
-    build_pipeline(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-    )
-    if args.max_new_tokens < 0:
-        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.stop:
+        args.stop = [unescape(s) for s in args.stop]
+    if any(s == "" for s in args.stop or ()):
+        raise ConfigError("--stop '' would stop before the first token; give the text to stop before")
+    config = sampling_config(args)
     if args.num_beams < 1:
         raise ConfigError(f"--num-beams must be >= 1 (1 = no beam search), got {args.num_beams}")
     check_length_penalty(args.length_penalty)
-    if args.n < 1:
-        raise ConfigError(f"--n must be >= 1, got {args.n}")
-    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
-        raise ConfigError(f"--logprobs must be in [0, 20], got {args.logprobs}")
-    if any(s == "" for s in args.stop or ()):
-        raise ConfigError("--stop '' would stop before the first token; give the text to stop before")
     _check_combinations(args)
+    return config
 
 
 def _check_combinations(args: argparse.Namespace) -> None:
@@ -206,15 +196,11 @@ def _check_combinations(args: argparse.Namespace) -> None:
 
     beams = args.num_beams > 1
     rich = "--n" if args.n > 1 else "--logprobs" if args.logprobs is not None else None
-    if beams and args.compile:
-        raise ConfigError("--compile is for sampling and greedy search; drop it for --num-beams")
     if beams and rich:
         raise ConfigError(f"{rich} works with sampling and greedy search, not --num-beams; drop one")
     if args.interactive and (beams or rich):
         flag = rich or "--num-beams"
         raise ConfigError(f"--interactive streams one sample per prompt; drop {flag} or --interactive")
-    if args.compile and rich:
-        raise ConfigError(f"--compile is for single streamed samples; drop it for {rich}")
 
 
 def encode_prompt(tokenizer, prompt: str, *, allow_special: bool) -> list[int]:
@@ -235,79 +221,85 @@ def encode_prompt(tokenizer, prompt: str, *, allow_special: bool) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit.checkpoint import load_model, load_tokenizer
+    from gpt2kit.checkpoint import load_tokenizer
+    from gpt2kit.cli._model import load
+    from gpt2kit.device import pick_device
 
-    check_args(args)
-    args.stop = [unescape(s) for s in args.stop] if args.stop else None
-    device = pick_device(args.device)
+    config = check_args(args)
+    pick_device(args.device)  # a bad --device fails before the tokenizer loads
     tokenizer = load_tokenizer(args.model)
     encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)  # fails before any output
-    model = load_model(args.model, device=device, dtype=pick_dtype(args.dtype, device))
-    if args.quantize == "int8":
-        from gpt2kit.quantize import quantize_int8
-
-        quantize_int8(model)
+    model, device = load(args)
+    if args.compile:
+        prepare_compiled_step(model, rows=max(config.n, args.num_beams))
     if args.interactive:
         from gpt2kit.cli._repl import prompt_loop
 
-        return prompt_loop(model, tokenizer, args)
+        return prompt_loop(model, tokenizer, config, args)
     if args.num_beams > 1:
-        return _beam(args, model, tokenizer)
+        return _beam(args, config, model, tokenizer)
     if args.n > 1 or args.logprobs is not None:
-        return _samples(args, model, tokenizer, device)
-    return _stream(args, model, tokenizer, device)
+        return _samples(args, config, model, tokenizer, device)
+    return _stream(args, config, model, tokenizer, device)
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
-    """The flags `stream_text` and `complete` both take, as their keyword arguments."""
-    return {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-        "no_repeat_ngram_size": args.no_repeat_ngram_size,
-        "stop": args.stop,
-        "seed": args.seed,
-        "allowed_special": "all" if args.allow_special else frozenset(),
-    }
+def prepare_compiled_step(model, *, rows: int):
+    """Build (first time, with progress on stderr) or load the compiled step for `rows` rows;
+    `generate`/`complete` then find it loaded. A failed build is a one-line ConfigError."""
+    from gpt2kit.cli._progress import Ticker
+    from gpt2kit.compiled import compiled_step
+
+    with Ticker("compiled step") as tick:
+        return compiled_step(model, slots=rows, max_len=model.config.n_positions, build=True, progress=tick)
 
 
-def _stream(args: argparse.Namespace, model, tokenizer, device: str) -> int:
-    """One sample, written to stdout piece by piece as it is decoded."""
-    from gpt2kit.generate import stream_text
+def stream_completion(model, tokenizer, prompt: str, config, args: argparse.Namespace) -> tuple[int, float]:
+    """Write one sample to stdout piece by piece; returns (tokens, seconds after the first token)."""
+    from gpt2kit.completion import complete
 
     out = sys.stdout
-    out.write(args.prompt)
+    out.write(prompt)
     out.flush()
-    tokens: list[int] = []
-    times: list[float] = []
-    t0 = time.perf_counter()
-    for piece in stream_text(
+    tokens = 0
+    first: float | None = None
+    chunks = complete(
         model,
         tokenizer,
-        args.prompt,
-        on_token=lambda t: (tokens.append(t), times.append(time.perf_counter())),
+        prompt,
+        config,
+        stream=True,
         compile=args.compile,
-        **sampling_options(args),
-    ):
-        out.write(piece)
+        allowed_special="all" if args.allow_special else frozenset(),
+    )
+    try:
+        for chunk in chunks:
+            tokens += len(chunk.token_ids)
+            if first is None and chunk.token_ids:
+                first = time.perf_counter()
+            out.write(chunk.text)
+            out.flush()
+    finally:
+        chunks.close()  # Ctrl-C in the REPL: stop decoding, free the engine
+        out.write("\n")
         out.flush()
+    return tokens, (time.perf_counter() - first) if first is not None else 0.0
+
+
+def _stream(args: argparse.Namespace, config, model, tokenizer, device: str) -> int:
+    """One sample, written to stdout piece by piece as it is decoded."""
+    t0 = time.perf_counter()
+    tokens, after_first = stream_completion(model, tokenizer, args.prompt, config, args)
     dt = time.perf_counter() - t0
-    out.write("\n")
-    out.flush()
-    rate = len(tokens) / dt if dt > 0 else 0.0
-    summary = f"{len(tokens)} tokens in {dt:.2f}s: {rate:.1f} tokens/s on {device}"
-    if args.compile and len(times) > 2:
-        # The second token waits for the compile; the steps after it are the compiled speed.
-        steps = (len(times) - 2) / (times[-1] - times[1])
-        summary += f"; compiled steps {steps:.1f} tokens/s after {times[1] - t0:.1f}s of compiling"
+    rate = tokens / dt if dt > 0 else 0.0
+    summary = f"{tokens} tokens in {dt:.2f}s: {rate:.1f} tokens/s on {device}"
+    if tokens > 2 and after_first > 0:
+        # The first token waits for the prompt (and a compile or load); the rest is the step speed.
+        summary += f"; {(tokens - 1) / after_first:.1f} tokens/s after the first"
     print(f"[{summary}]", file=sys.stderr)
     return 0
 
 
-def _samples(args: argparse.Namespace, model, tokenizer, device: str) -> int:
+def _samples(args: argparse.Namespace, config, model, tokenizer, device: str) -> int:
     """--n samples (decoded together as one batch) and/or --logprobs tables, printed at the end.
 
     Sample j uses seed + j, as `complete` does, so sample 1 equals the streamed sample.
@@ -319,9 +311,9 @@ def _samples(args: argparse.Namespace, model, tokenizer, device: str) -> int:
         model,
         tokenizer,
         args.prompt,
-        n=args.n,
-        logprobs=args.logprobs,
-        **sampling_options(args),
+        config,
+        compile=args.compile,
+        allowed_special="all" if args.allow_special else frozenset(),
     )
     dt = time.perf_counter() - t0
     out = sys.stdout
@@ -356,35 +348,30 @@ def logprob_table(tokenizer, completion) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _beam(args: argparse.Namespace, model, tokenizer) -> int:
+def _beam(args: argparse.Namespace, config, model, tokenizer) -> int:
     """Beam search: the best beam is known only at the end, so print it whole."""
-    import torch
-
-    from gpt2kit.generate import eos_id, generate, prepare_prompt
+    from gpt2kit.generate import generate
+    from gpt2kit.prompts import eos_id, fit_prompt
     from gpt2kit.stopping import TextStream
 
     ids = encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)
-    # Prepared here (empty -> <|endoftext|>, too long -> cut) so we know where the new tokens start.
-    prompt, _, _ = prepare_prompt(
-        model, torch.tensor([ids], dtype=torch.long).reshape(1, len(ids)), None, args.max_new_tokens
-    )
+    prompt = fit_prompt(model, ids, config.max_new_tokens)  # where the new tokens start
     eos = eos_id(model, tokenizer)
     t0 = time.perf_counter()
     out = generate(
         model,
-        prompt,
-        max_new_tokens=args.max_new_tokens,
+        [prompt],
+        config.replace(stop=()),  # stop strings cut the text below
         num_beams=args.num_beams,
         length_penalty=args.length_penalty,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
         eos_token_id=eos,
+        compile=args.compile,
     )
     dt = time.perf_counter() - t0
-    new = out[0, prompt.shape[1] :].tolist()
+    new = out[0][len(prompt) :]
     if eos in new:
         new = new[: new.index(eos)]
-    text = TextStream(stop=args.stop)
+    text = TextStream(stop=config.stop)
     for t in new:
         text.push(tokenizer.decode_bytes([t]))
     text.finish()

@@ -17,6 +17,7 @@ EXAMPLE = """examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
+    from gpt2kit.cli._model import add_flags
 
     p = sub.add_parser(
         "serve",
@@ -39,8 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="require 'Authorization: Bearer KEY' on /v1 and /api; None: env GPT2KIT_API_KEY if set",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_flags(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -48,7 +48,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="torch intra-op threads; None: torch's choice. 1 keeps a busy CPU responsive for small models",
     )
     p.add_argument("--no-batching", action="store_true", help="serve one request at a time (a baseline)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together at most")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="rows decoded together at most: the engine's KV-cache slots (each holds a whole context)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the compiled decode step, built (first time: minutes, with progress) or loaded at start-up, "
+        "before the server answers; by default used when it can be built (needs a C++ compiler), else the "
+        "server decodes eagerly; --compile makes a failed build an error, --no-compile skips it",
+    )
     p.add_argument("--max-pending", type=int, default=64, help="requests queued or running (429 beyond)")
     p.add_argument("--max-n", type=int, default=16, help="cap on a request's n")
     p.add_argument("--max-tokens", type=int, default=None, help="cap on max_tokens; None: the context")
@@ -60,8 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gpt2kit.checkpoint import load_model, load_tokenizer
-    from gpt2kit.cli.generate import pick_device, pick_dtype
+    from gpt2kit.checkpoint import load_tokenizer
+    from gpt2kit.cli._model import load
     from gpt2kit.errors import ConfigError
     from gpt2kit.server.app import create_app
     from gpt2kit.server.completions import Limits
@@ -81,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     # Read here, not as the flag's default, so --help never prints the key.
     api_key = args.api_key or os.environ.get("GPT2KIT_API_KEY") or None
-    device = pick_device(args.device)
-    model = load_model(args.model, device=device, dtype=pick_dtype(args.dtype, device))
+    model, device = load(args)
     tokenizer = load_tokenizer(args.model)
+    step = startup_step(model, slots=args.max_batch_size, compile=args.compile)
     name = args.model_name or os.path.basename(os.path.normpath(str(args.model)))
     app = create_app(
         model,
@@ -95,10 +108,31 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_pending=args.max_pending,
         max_body_bytes=args.max_body_bytes,
+        step=step,
     )
     print(
-        f"serving {name!r} on {device} at http://{args.host}:{args.port}/ "
+        f"serving {name!r} on {device} ({'compiled' if step is not None else 'eager'} decode step) "
+        f"at http://{args.host}:{args.port}/ "
         f"(Explorer at /, API docs at /docs{', API key required' if api_key else ''})"
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def startup_step(model, *, slots: int, compile: bool | None):
+    """The compiled step to serve with, built or loaded now (before the server answers), or
+    None for eager decoding: with --no-compile, or when it can't be built and --compile wasn't given."""
+    import sys
+
+    from gpt2kit.cli.generate import prepare_compiled_step
+    from gpt2kit.errors import ConfigError
+
+    if compile is False:
+        return None
+    try:
+        return prepare_compiled_step(model, rows=slots)
+    except ConfigError as e:
+        if compile:
+            raise
+        print(f"warning: {e}; serving with the eager decode step", file=sys.stderr)
+        return None

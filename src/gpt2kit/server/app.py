@@ -24,41 +24,44 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gpt2kit.engine import DecodeStep
+from gpt2kit.errors import TokenizerError
 from gpt2kit.model import GPT2
-from gpt2kit.server import explorer
 from gpt2kit.server.completions import Context, Limits, complete, start_stream
-from gpt2kit.server.engine import Engine
+from gpt2kit.server.explorer_routes import explorer_router
 from gpt2kit.server.protocol import (
     APIError,
-    AttentionRequest,
-    AttentionResponse,
-    Candidate,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     Health,
-    LensLayer,
-    LensRequest,
-    LensResponse,
     ModelCard,
     ModelList,
-    NextRequest,
-    NextResponse,
-    TokenInfo,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
 )
+from gpt2kit.server.worker import Worker
 from gpt2kit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-PROTECTED = ("/v1/", "/api/")  # paths that need the API key when one is set
+# Paths that need the API key when one is set: all but /health, the page and the API docs.
+PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize", "/tokenizer_info")
+# An over-limit body is read and thrown away up to this many bytes before the 413 is sent,
+# so a client that sends its whole body before reading still gets the answer (closing on
+# unread data makes the kernel send a reset that destroys the unread response).
+DRAIN_BYTES = 32 * 2**20
 ERRORS = {
     code: {"model": ErrorResponse, "description": desc}
     for code, desc in [
         (400, "invalid request (the error names the field)"),
         (401, "missing or wrong API key"),
         (413, "request body too large"),
-        (429, "too many requests in flight"),
+        (429, "too many requests in flight (with a Retry-After header)"),
     ]
 }
 
@@ -71,29 +74,32 @@ def create_app(
     api_key: str | None = None,
     limits: Limits | None = None,
     batching: bool = True,
-    max_batch_size: int = 32,
+    max_batch_size: int = 8,
     max_pending: int = 64,
     max_body_bytes: int = 1_000_000,
+    step: DecodeStep | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `model`; its engine thread starts now and stops at shutdown.
 
     `max_pending` caps the requests queued or running (429 beyond), `max_batch_size` the
-    rows decoded together, `max_body_bytes` the request body (413 beyond).
+    rows decoded together (the engine's cache slots), `max_body_bytes` the request body (413
+    beyond), `step` the decode step (eager by default; `gpt2kit.compiled` builds compiled ones).
     """
-    engine = Engine(
+    worker = Worker(
         model,
         eos_token_id=_eos(tokenizer, model),
         batching=batching,
-        max_batch_size=max_batch_size,
+        slots=max_batch_size,
         max_pending=max_pending,
+        step=step,
     )
-    ctx = Context(engine, tokenizer, model_name, limits or Limits())
+    ctx = Context(worker, tokenizer, model_name, limits or Limits())
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.stop()
+        worker.stop()
 
     app = FastAPI(
         title="gpt2kit",
@@ -101,7 +107,7 @@ def create_app(
         version=_version(),
         lifespan=lifespan,
     )
-    app.state.engine = engine
+    app.state.worker = worker
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     _error_handlers(app)
     # Declares the bearer scheme in the OpenAPI document; Guard enforces it.
@@ -110,7 +116,7 @@ def create_app(
     @app.get("/health", response_model=Health, tags=["server"])
     def health() -> Health:
         """Liveness and load; never needs the API key."""
-        return Health(model=model_name, requests_in_flight=engine.load, auth_required=api_key is not None)
+        return Health(model=model_name, requests_in_flight=worker.load, auth_required=api_key is not None)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=bearer, tags=["openai"])
     def models() -> ModelList:
@@ -143,51 +149,61 @@ def create_app(
             )
         return await complete(body, ctx, request.is_disconnected)
 
-    @app.post(
-        "/api/next", response_model=NextResponse, responses=ERRORS, dependencies=bearer, tags=["explorer"]
-    )
-    def next_token(body: NextRequest) -> NextResponse:
-        """The k most likely next tokens with their probabilities, most likely first."""
-        ids = _explorer_ids(body.text, tokenizer, model)
-        top = explorer.next_tokens(model, ids, k=body.k, temperature=body.temperature)
-        return NextResponse(prompt_tokens=_token_infos(ids, tokenizer), tokens=_candidates(top, tokenizer))
+    app.include_router(explorer_router(model, tokenizer), dependencies=bearer, responses=ERRORS)
 
-    @app.post(
-        "/api/attention",
-        response_model=AttentionResponse,
+    @app.get(
+        "/tokenizer_info",
+        response_model=TokenizerInfoResponse,
         responses=ERRORS,
         dependencies=bearer,
-        tags=["explorer"],
+        tags=["tokenizer"],
     )
-    def attention(body: AttentionRequest) -> AttentionResponse:
-        """Attention weights of one layer and head: T x T, row i over tokens 0..i."""
-        cfg = model.config
-        if body.layer >= cfg.n_layer:
-            raise APIError(400, f"layer must be < {cfg.n_layer} (the model's n_layer)", param="layer")
-        if body.head >= cfg.n_head:
-            raise APIError(400, f"head must be < {cfg.n_head} (the model's n_head)", param="head")
-        ids = _explorer_ids(body.text, tokenizer, model)
-        weights = explorer.attention(model, ids, layer=body.layer)[body.head]
-        return AttentionResponse(
-            tokens=_token_infos(ids, tokenizer),
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            layer=body.layer,
-            head=body.head,
-            weights=[[round(float(w), 6) for w in row] for row in weights],
+    def tokenizer_info() -> JSONResponse:
+        """The tokenizer's configuration, as vLLM serves it (lm-eval's tokenizer_backend=remote)."""
+        info = _tokenizer_info(tokenizer, model)
+        # chat_template is left out rather than null: clients test for its presence.
+        return JSONResponse(
+            info.model_dump(exclude={"chat_template"} if info.chat_template is None else None)
         )
 
     @app.post(
-        "/api/lens", response_model=LensResponse, responses=ERRORS, dependencies=bearer, tags=["explorer"]
+        "/tokenize",
+        response_model=TokenizeResponse,
+        responses=ERRORS,
+        dependencies=bearer,
+        tags=["tokenizer"],
     )
-    def lens(body: LensRequest) -> LensResponse:
-        """Logit lens: the top next tokens read from each layer's residual stream."""
-        ids = _explorer_ids(body.text, tokenizer, model)
-        layers = explorer.logit_lens(model, ids, k=body.k)
-        return LensResponse(
-            tokens=_token_infos(ids, tokenizer),
-            layers=[LensLayer(layer=i, tokens=_candidates(top, tokenizer)) for i, top in enumerate(layers)],
+    def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """Text -> token ids, as vLLM's /tokenize; `<|endoftext|>` in the text is the special token."""
+        _check_model(body.model, model_name)
+        try:
+            ids = tokenizer.encode(body.prompt, allowed_special="all")
+        except TokenizerError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        return TokenizeResponse(
+            count=len(ids),
+            max_model_len=model.config.n_positions,
+            tokens=ids,
+            token_strs=tokenizer.decode_tokens(ids) if body.return_token_strs else None,
         )
+
+    @app.post(
+        "/detokenize",
+        response_model=DetokenizeResponse,
+        responses=ERRORS,
+        dependencies=bearer,
+        tags=["tokenizer"],
+    )
+    def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        """Token ids -> text, as vLLM's /detokenize (a cut UTF-8 character becomes U+FFFD)."""
+        _check_model(body.model, model_name)
+        n = tokenizer.n_vocab
+        bad = next((i for i in body.tokens if not 0 <= i < n), None)
+        if bad is not None:
+            raise APIError(
+                400, f"token id {bad} in tokens is outside the vocabulary [0, {n})", param="tokens"
+            )
+        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -226,21 +242,28 @@ def _eos(tokenizer: Tokenizer, model: GPT2) -> int:
     return tokenizer.special_tokens.get("<|endoftext|>", model.config.eos_token_id)
 
 
-def _explorer_ids(text: str, tokenizer: Tokenizer, model: GPT2) -> list[int]:
-    ids = tokenizer.encode(text, allowed_special="all") if text else [_eos(tokenizer, model)]
-    n_ctx = model.config.n_positions
-    if len(ids) > n_ctx:
-        raise APIError(400, f"text has {len(ids)} tokens, more than the context of {n_ctx}", param="text")
-    return ids
+def _check_model(name: str | None, served: str) -> None:
+    if name is not None and name != served:
+        raise APIError(
+            404,
+            f"model {name!r} is not served here; use {served!r} or omit model (see GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
 
 
-def _token_infos(ids: list[int], tokenizer: Tokenizer) -> list[TokenInfo]:
-    return [TokenInfo(id=i, token=t) for i, t in zip(ids, tokenizer.decode_tokens(ids), strict=True)]
-
-
-def _candidates(top: list[tuple[int, float]], tokenizer: Tokenizer) -> list[Candidate]:
-    names = tokenizer.decode_tokens([i for i, _ in top])
-    return [Candidate(id=i, token=name, prob=p) for (i, p), name in zip(top, names, strict=True)]
+def _tokenizer_info(tokenizer: Tokenizer, model: GPT2) -> TokenizerInfoResponse:
+    """GPT-2's tokenizer_config.json keys: <|endoftext|> is its bos, eos and unk token; no pad."""
+    eos_id = _eos(tokenizer, model)
+    eos = next((t for t, i in tokenizer.special_tokens.items() if i == eos_id), None)
+    return TokenizerInfoResponse(
+        tokenizer_class="GPT2Tokenizer",
+        eos_token=eos,
+        bos_token=eos,
+        pad_token=None,
+        unk_token=eos,
+        model_max_length=model.config.n_positions,
+    )
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -249,7 +272,7 @@ def _candidates(top: list[tuple[int, float]], tokenizer: Tokenizer) -> list[Cand
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -292,7 +315,7 @@ def _validation_error(errors: list[dict]) -> APIError:
 
 
 def _json_error(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 class Guard:
@@ -300,18 +323,32 @@ class Guard:
 
     The body is read here (at most `max_body_bytes`) so an oversized request is refused
     without buffering it, and invalid UTF-8 gets a clear 400 instead of a parse error.
+    An oversized body is read on and thrown away, up to `max_drain_bytes` in all, before
+    the 413 goes out with `Connection: close`: a client that writes its whole body before
+    reading (most do) then reads the answer, and the connection ends with a normal close
+    instead of a reset. A body declared or found larger than that gets the 413 at once.
     """
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        max_drain_bytes: int = DRAIN_BYTES,
+    ) -> None:
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.max_drain_bytes = max(max_drain_bytes, max_body_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        declared = int(length) if length is not None and length.isdigit() else None
         if self.api_key and scope["path"].startswith(PROTECTED):
             given = headers.get(b"authorization", b"")
             expected = f"Bearer {self.api_key}".encode()
@@ -322,16 +359,22 @@ class Guard:
                     f"API key {what}; send the header 'Authorization: Bearer <key>'",
                     type="invalid_request_error",
                     code="invalid_api_key",
+                    headers={"Connection": "close"},
                 )
+                # A body the key would have allowed is read first, for the reason above.
+                if declared is None or declared <= self.max_body_bytes:
+                    await _drain(receive, limit=self.max_body_bytes)
                 await _json_error(err)(scope, receive, send)
                 return
         too_big = APIError(
             413,
             f"request body exceeds {self.max_body_bytes} bytes; send a smaller request",
             code="request_too_large",
+            headers={"Connection": "close"},
         )
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+        if declared is not None and declared > self.max_body_bytes:
+            if declared <= self.max_drain_bytes:
+                await _drain(receive, limit=self.max_drain_bytes)
             await _json_error(too_big)(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -345,6 +388,8 @@ class Guard:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_body_bytes:
+                if more:
+                    await _drain(receive, limit=self.max_drain_bytes - size)
                 await _json_error(too_big)(scope, receive, send)
                 return
         body = b"".join(chunks)
@@ -364,3 +409,13 @@ class Guard:
             return await receive()  # later calls wait for the client to disconnect
 
         await self.app(scope, replay, send)
+
+
+async def _drain(receive: Receive, *, limit: int) -> None:
+    """Read and discard the rest of a request body, at most `limit` bytes of it."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))

@@ -1,9 +1,10 @@
 """Serving one /v1/completions request on the engine: prompts in, OpenAI-shaped choices out.
 
-Checks the request against the model and the server's limits, submits one engine
-request per prompt (n rows each), turns each row's tokens into text incrementally
-(never splitting a UTF-8 character, holding back text that may be the start of a stop
-string) and builds either one CompletionResponse or a stream of SSE chunks.
+Checks the request against the model and the server's limits, submits it to the worker
+(n rows per prompt; row r = i * n + j samples with seed + r, as `complete` does), turns
+each row's tokens into text with `TextStream` (never splitting a UTF-8 character, holding
+back text that may be the start of a stop string) and builds either one CompletionResponse
+or a stream of SSE chunks.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import codecs
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from gpt2kit.engine import FinishEvent, PromptEvent, TokenEvent
 from gpt2kit.errors import TokenizerError
-from gpt2kit.server.engine import Engine, EngineBusy, FinishEvent, PromptEvent, Row, TokenEvent
 from gpt2kit.server.protocol import (
     APIError,
     CompletionChoice,
@@ -26,7 +27,8 @@ from gpt2kit.server.protocol import (
     CompletionResponse,
     Usage,
 )
-from gpt2kit.stopping import held_back
+from gpt2kit.server.worker import Failed, Worker, WorkerBusy
+from gpt2kit.stopping import TextStream
 from gpt2kit.tokenizer import Tokenizer
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -44,9 +46,9 @@ class Limits:
 
 @dataclass
 class Context:
-    """What a completion needs from the app: the engine, tokenizer, served name and limits."""
+    """What a completion needs from the app: the worker, tokenizer, served name and limits."""
 
-    engine: Engine
+    worker: Worker
     tokenizer: Tokenizer
     model_name: str
     limits: Limits
@@ -61,11 +63,6 @@ def prepare(req: CompletionRequest, ctx: Context) -> list[list[int]]:
             param="model",
             code="model_not_found",
         )
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(req, name):
-            raise APIError(400, f"{name} is not supported by this server; omit it or send 0", param=name)
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server; omit it", param="logit_bias")
     if req.suffix:
         raise APIError(400, "suffix (insertion) is not supported by GPT-2; omit it", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -74,8 +71,15 @@ def prepare(req: CompletionRequest, ctx: Context) -> list[list[int]]:
         raise APIError(400, f"n is {req.n}; this server allows at most {ctx.limits.max_n}", param="n")
     if isinstance(req.stop, list) and len(req.stop) > MAX_STOP:
         raise APIError(400, f"stop has {len(req.stop)} strings; send at most {MAX_STOP}", param="stop")
-    n_ctx = ctx.engine.n_ctx
-    max_tokens = req.to_sampling_params().max_tokens
+    n_ctx = ctx.worker.n_ctx
+    config = req.to_sampling_config()
+    vocab = ctx.worker.model.config.vocab_size
+    bad = next((t for t in config.logit_bias if t >= vocab), None)
+    if bad is not None:
+        raise APIError(
+            400, f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})", param="logit_bias"
+        )
+    max_tokens = config.max_new_tokens
     cap = ctx.limits.max_tokens
     if cap is not None and max_tokens > cap:
         raise APIError(
@@ -123,7 +127,7 @@ def _prompt_ids(req: CompletionRequest, ctx: Context) -> list[list[int]]:
         raise APIError(
             400, f"{len(prompts)} prompts; send at most {ctx.limits.max_prompts} per request", param="prompt"
         )
-    vocab = ctx.engine.model.config.vocab_size
+    vocab = ctx.worker.model.config.vocab_size
     for ids in prompts:
         bad = next((i for i in ids if not 0 <= i < vocab), None)
         if bad is not None:
@@ -131,7 +135,7 @@ def _prompt_ids(req: CompletionRequest, ctx: Context) -> list[list[int]]:
                 400, f"token id {bad} in prompt is outside the vocabulary [0, {vocab})", param="prompt"
             )
     # An empty prompt starts from <|endoftext|>, as OpenAI's default prompt does.
-    return [ids if ids else [ctx.engine.eos] for ids in prompts]
+    return [ids if ids else [ctx.worker.eos] for ids in prompts]
 
 
 def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -143,22 +147,24 @@ def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 class ChoiceText:
-    """One choice's text and logprobs, built token by token; knows when a stop string ends it."""
+    """One choice's text and logprobs, built token by token with `TextStream` (stop strings, UTF-8)."""
 
-    def __init__(self, tokenizer: Tokenizer, *, index: int, stops: list[str], logprobs: bool) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, index: int, stops: Sequence[str], logprobs: bool) -> None:
         self.tokenizer = tokenizer
         self.index = index
-        self.stops = stops
         self.want_logprobs = logprobs
         self.prefix = ""  # the echoed prompt
-        self.text = ""  # generated text, cut at a stop string
+        self.stream = TextStream(stop=stops)
         self.sent = 0  # characters of prefix + text already streamed
         self.finish_reason: str | None = None
         self.finish_sent = False  # streaming: the chunk with finish_reason went out
-        self.completion_tokens = 0
         self.logprobs = CompletionLogprobs()
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = CompletionLogprobs()  # logprobs not yet streamed
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens the text came from: up to the one that completed a stop string (eos not counted)."""
+        return self.stream.tokens
 
     def echo(self, ids: list[int], prompt: PromptEvent | None) -> None:
         """Put the prompt in front of the text (echo), with its logprobs when asked."""
@@ -171,20 +177,21 @@ class ChoiceText:
         self.prefix += decoder.decode(b"", final=True)
 
     def add(self, event: TokenEvent) -> None:
-        self.completion_tokens += 1
-        offset = len(self.prefix) + len(self.text)
-        self.text += self._decoder.decode(self.tokenizer.decode_bytes([event.token]))
+        offset = len(self.prefix) + self.stream.decoded
+        self.stream.push(self.tokenizer.decode_bytes([event.token]))
         if self.want_logprobs:
-            self._add_logprob(event.token, event.logprob, event.top, offset)
-        self._check_stop()
+            top = event.top
+            if top is not None and all(i != event.token for i, _ in top):
+                top = [*top, (event.token, event.logprob)]  # OpenAI lists the chosen token too
+            self._add_logprob(event.token, event.logprob, top, offset)
+        if self.stream.stopped:
+            self.finish_reason = "stop"
 
     def finish(self, reason: str) -> None:
         if self.finish_reason is not None:  # already ended by a stop string
             return
-        self.text += self._decoder.decode(b"", final=True)
-        self._check_stop()
-        if self.finish_reason is None:
-            self.finish_reason = reason
+        self.stream.finish()
+        self.finish_reason = reason
 
     @property
     def done(self) -> bool:
@@ -199,25 +206,14 @@ class ChoiceText:
             lp.top_logprobs.append(top_dict)
             lp.text_offset.append(offset)
 
-    def _check_stop(self) -> None:
-        if self.finish_reason is not None or not self.stops:
-            return
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.finish_reason = "stop"
-
     def full_text(self) -> str:
-        return self.prefix + self.text
+        return self.prefix + self.stream.text
 
     def take_new(self) -> tuple[str, CompletionLogprobs | None]:
-        """Text and logprobs not yet streamed; holds back a tail that may begin a stop string."""
+        """Text and logprobs not yet streamed (the stream holds back a possible stop string)."""
         full = self.full_text()
-        end = len(full)
-        if not self.done:
-            end -= held_back(self.text, self.stops)
-        piece = full[self.sent : max(end, self.sent)]
-        self.sent = max(end, self.sent)
+        piece = full[self.sent :]
+        self.sent = len(full)
         lp = None
         if self.want_logprobs:
             lp, self._pending = self._pending, CompletionLogprobs()
@@ -245,7 +241,7 @@ class ChoiceText:
 
 
 class Completion:
-    """The rows of one request, read together; `finish_reason` 'cancelled' rows end it early."""
+    """One request's choices, filled from the worker's events; choice r is prompt r // n's sample r % n."""
 
     def __init__(self, req: CompletionRequest, ctx: Context, prompts: list[list[int]]) -> None:
         self.req = req
@@ -254,43 +250,39 @@ class Completion:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.deadline = time.monotonic() + ctx.limits.request_timeout
-        params = req.to_sampling_params()
-        self.rows: list[Row] = []
-        self.choices: list[ChoiceText] = []
-        # One queue for every row of the request: events arrive as (row, event).
-        self._queue: asyncio.Queue[tuple[Row, object]] = asyncio.Queue()
+        self.config = req.to_sampling_config()
+        self.prompt_logprobs = req.echo and req.logprobs is not None
+        count = len(prompts) * req.n
+        self.choices = [
+            ChoiceText(ctx.tokenizer, index=r, stops=self.config.stop, logprobs=req.logprobs is not None)
+            for r in range(count)
+        ]
+        # Every event of the request arrives here, on this event loop.
+        self._queue: asyncio.Queue = asyncio.Queue()
         try:
-            for ids in prompts:
-                self.rows += ctx.engine.submit(ids, params, n=req.n, sink=self._queue)
-        except EngineBusy as e:
-            self.cancel()
+            self.request = ctx.worker.submit(
+                prompts, self.config, sink=self._queue, prompt_logprobs=self.prompt_logprobs
+            )
+        except WorkerBusy as e:
             raise APIError(
                 429, f"server is busy ({e}); retry later", type="server_busy", code="rate_limit_exceeded"
             ) from None
-        stops = req.stop_strings()
-        for i in range(len(self.rows)):
-            self.choices.append(
-                ChoiceText(ctx.tokenizer, index=i, stops=stops, logprobs=req.logprobs is not None)
-            )
-        self._echoed = [False] * len(self.rows)
-        self._index = {row: i for i, row in enumerate(self.rows)}
+        self._echoed = [False] * count
 
     def cancel(self) -> None:
-        for row in self.rows:
-            row.cancel()
+        self.request.cancel()
 
     async def events(self) -> AsyncIterator[int]:
-        """Apply each row's events to its choice; yield the index of the choice that changed."""
-        open_rows = len(self.rows)
-        if self.req.echo:
-            for i in range(len(self.rows)):
-                if not self.req.to_sampling_params().prompt_logprobs:
-                    self._echo(i, None)
-                    yield i
+        """Apply each event to its choice; yield the index of the choice that changed."""
+        open_rows = len(self.choices)
+        if self.req.echo and not self.prompt_logprobs:
+            for r in range(len(self.choices)):
+                self._echo(r, None)
+                yield r
         while open_rows:
             timeout = self.deadline - time.monotonic()
             try:
-                row, event = await asyncio.wait_for(self._queue.get(), timeout=max(timeout, 0))
+                event = await asyncio.wait_for(self._queue.get(), timeout=max(timeout, 0))
             except asyncio.TimeoutError:
                 self.cancel()
                 raise APIError(
@@ -300,27 +292,27 @@ class Completion:
                     type="timeout",
                     code="timeout",
                 ) from None
-            i = self._index[row]
-            choice = self.choices[i]
+            if isinstance(event, Failed):
+                self.cancel()
+                raise APIError(500, f"generation failed: {event.message}", type="server_error")
+            r = event.row.tag
+            choice = self.choices[r]
             if isinstance(event, PromptEvent):
-                self._echo(i, event)
+                self._echo(r, event)
             elif isinstance(event, TokenEvent):
-                if not choice.done:
+                if not choice.done and event.token != self.ctx.worker.eos:
                     choice.add(event)
                     if choice.done:  # a stop string: no need to compute further tokens
-                        self.rows[i].cancel()
+                        event.row.cancel()
             elif isinstance(event, FinishEvent):
                 open_rows -= 1
-                if event.reason == "error":
-                    self.cancel()
-                    raise APIError(500, f"generation failed: {event.message}", type="server_error")
                 choice.finish("length" if event.reason == "length" else "stop")
-            yield i
+            yield r
 
-    def _echo(self, i: int, event: PromptEvent | None) -> None:
-        if self.req.echo and not self._echoed[i]:
-            self._echoed[i] = True
-            self.choices[i].echo(self.prompts[i // self.req.n], event)
+    def _echo(self, r: int, event: PromptEvent | None) -> None:
+        if self.req.echo and not self._echoed[r]:
+            self._echoed[r] = True
+            self.choices[r].echo(self.prompts[r // self.req.n], event)
 
     def usage(self) -> Usage:
         prompt = sum(len(p) for p in self.prompts)

@@ -3,10 +3,11 @@
 Bounds that never change live in the schemas (`Field(ge=, le=)`), so the OpenAPI
 document states them; limits that depend on the model or the server's settings (the
 context, `--max-n`, ...) are checked in completions.py. Unknown fields are rejected
-(400 naming the field); every documented OpenAI field is accepted, and the ones this
-server cannot honour (penalties, logit_bias, suffix, best_of != n) are a 400 when set.
+(400 naming the field); every documented OpenAI field is accepted (suffix and best_of != n,
+which GPT-2 can't honour, are a 400 when set), and vLLM's extra sampling fields top_k, min_p
+and repetition_penalty too. `to_sampling_config()` is the one step from wire to engine.
 
->>> CompletionRequest(model="gpt2", prompt="Hello", max_tokens=5).to_sampling_params().max_tokens
+>>> CompletionRequest(model="gpt2", prompt="Hello", max_tokens=5).to_sampling_config().max_new_tokens
 5
 """
 
@@ -16,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from gpt2kit.server.engine import SamplingParams
+from gpt2kit.sampling import SamplingConfig, SamplingError
 
 # Strict: "1" is not a number and true is not a token id; extra="forbid": a misspelt
 # option is an error rather than silently ignored.
@@ -40,8 +41,12 @@ class CompletionRequest(BaseModel):
     )
     best_of: StrictInt | None = Field(default=None, ge=1, le=128, description="Must equal n when set.")
     echo: StrictBool = Field(default=False, description="Return the prompt before the completion.")
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description="Only 0 is supported.")
-    logit_bias: dict[StrictStr, float] | None = Field(default=None, description="Not supported; omit it.")
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2, le=2, description="Subtracted from a token's logit per occurrence in the output."
+    )
+    logit_bias: dict[StrictStr, float] | None = Field(
+        default=None, description="Token id (as a string) -> bias in [-100, 100] added to its logit."
+    )
     logprobs: StrictInt | None = Field(
         default=None,
         ge=0,
@@ -52,7 +57,9 @@ class CompletionRequest(BaseModel):
         default=16, ge=0, description="Tokens to generate at most; prompt + max_tokens must fit the context."
     )
     n: StrictInt = Field(default=1, ge=1, le=128, description="Completions per prompt.")
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="Only 0 is supported.")
+    presence_penalty: float | None = Field(
+        default=None, ge=-2, le=2, description="Subtracted once from the logit of a token in the output."
+    )
     seed: StrictInt | None = Field(
         default=None, ge=-(2**63), le=2**64 - 1, description="Choice i samples with seed + i: reproducible."
     )
@@ -65,27 +72,52 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2, description="0 is greedy.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling.")
     user: StrictStr | None = Field(default=None, description="Accepted and ignored.")
-    # Extension (vLLM's name): keep only the last N prompt tokens instead of a 400.
+    # Extensions, with vLLM's names.
+    top_k: StrictInt | None = Field(
+        default=None, ge=-1, description="Sample among the k most likely (0/-1: off)."
+    )
+    min_p: float | None = Field(
+        default=None, ge=0, le=1, description="Drop tokens below min_p x the top one."
+    )
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, description="CTRL's penalty over prompt and output (> 1 discourages repeats)."
+    )
     truncate_prompt_tokens: StrictInt | None = Field(
         default=None, ge=1, description="Keep only the last N prompt tokens (gpt2kit/vLLM extension)."
     )
 
-    def to_sampling_params(self) -> SamplingParams:
-        """The engine's view of this request (per choice)."""
-        return SamplingParams(
-            max_tokens=16 if self.max_tokens is None else self.max_tokens,
-            temperature=float(self.temperature),
-            top_p=float(self.top_p),
-            seed=self.seed,
-            logprobs=self.logprobs,
-            prompt_logprobs=self.echo and self.logprobs is not None,
-        )
+    def to_sampling_config(self) -> SamplingConfig:
+        """The engine's view of this request; a SamplingError names the wire field."""
+        try:
+            return SamplingConfig(
+                max_new_tokens=16 if self.max_tokens is None else self.max_tokens,
+                temperature=float(self.temperature),
+                top_k=None if self.top_k is None or self.top_k < 0 else self.top_k,
+                top_p=float(self.top_p),
+                min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                logit_bias=self.logit_bias,
+                stop=self.stop_strings(),
+                n=self.n,
+                seed=self.seed,
+                logprobs=self.logprobs,
+            )
+        except SamplingError as e:
+            raise APIError(
+                400, f"{WIRE.get(e.field, e.field)} {e.message}", param=WIRE.get(e.field, e.field)
+            ) from None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []
         stops = [self.stop] if isinstance(self.stop, str) else self.stop
         return [s for s in stops if s]
+
+
+# SamplingConfig's fields under their wire names: the one place the server translates them.
+WIRE = {"max_new_tokens": "max_tokens"}
 
 
 class CompletionLogprobs(BaseModel):
@@ -151,71 +183,60 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-# --- the Explorer's JSON endpoints -------------------------------------------------------
-
-MAX_EXPLORER_TEXT = 20_000  # characters; the token count is checked against the context
+# --- the tokenizer endpoints (vLLM's; lm-eval's tokenizer_backend=remote uses them) -------
 
 
-class NextRequest(BaseModel):
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: text -> token ids, as vLLM's TokenizeCompletionRequest."""
+
     model_config = STRICT
 
-    text: StrictStr = Field(max_length=MAX_EXPLORER_TEXT, description="The prompt ('' = <|endoftext|>).")
-    k: StrictInt = Field(default=10, ge=1, le=100, description="How many candidates.")
-    temperature: float = Field(default=1.0, gt=0, le=5, description="Divides the logits before softmax.")
+    model: StrictStr | None = Field(default=None, description="If given, must be the served name.")
+    prompt: StrictStr = Field(description="The text; <|endoftext|> in it is the special token.")
+    add_special_tokens: StrictBool = Field(
+        default=True, description="Accepted for vLLM compatibility; GPT-2 adds no BOS/EOS either way."
+    )
+    return_token_strs: StrictBool | None = Field(default=False, description="Also return each token's text.")
 
 
-class TokenInfo(BaseModel):
-    id: int
-    token: str
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
 
 
-class Candidate(BaseModel):
-    id: int
-    token: str
-    prob: float
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids -> text, as vLLM's DetokenizeRequest."""
 
-
-class NextResponse(BaseModel):
-    prompt_tokens: list[TokenInfo]
-    tokens: list[Candidate] = Field(description="In descending probability.")
-
-
-class AttentionRequest(BaseModel):
     model_config = STRICT
 
-    text: StrictStr = Field(max_length=MAX_EXPLORER_TEXT)
-    layer: StrictInt = Field(default=0, ge=0)
-    head: StrictInt = Field(default=0, ge=0)
+    model: StrictStr | None = Field(default=None, description="If given, must be the served name.")
+    tokens: list[StrictInt] = Field(description="Token ids, each in [0, vocabulary size).")
 
 
-class AttentionResponse(BaseModel):
-    tokens: list[TokenInfo]
-    n_layer: int
-    n_head: int
-    layer: int
-    head: int
-    weights: list[list[float]] = Field(description="T x T: row i is how token i spreads its attention.")
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
-class LensRequest(BaseModel):
-    model_config = STRICT
+class TokenizerInfoResponse(BaseModel):
+    """GET /tokenizer_info: the tokenizer's configuration, the keys of tokenizer_config.json."""
 
-    text: StrictStr = Field(max_length=MAX_EXPLORER_TEXT)
-    k: StrictInt = Field(default=3, ge=1, le=20)
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    model_max_length: int
+    add_prefix_space: bool = False
+    chat_template: str | None = Field(default=None, description="Omitted: GPT-2 models have none.")
 
 
-class LensLayer(BaseModel):
-    layer: int = Field(description="0 = the embeddings, i = after block i.")
-    tokens: list[Candidate]
-
-
-class LensResponse(BaseModel):
-    tokens: list[TokenInfo]
-    layers: list[LensLayer]
+RETRY_AFTER_S = 1  # seconds a 429 asks the client to wait: a slot frees as soon as any row finishes
 
 
 class APIError(Exception):
-    """An error answered as ErrorResponse with `status` (raised anywhere in the server).
+    """An error answered as ErrorResponse with `status` and `headers` (raised anywhere in the server).
 
     >>> APIError(400, "n must be <= 16; ask for fewer choices", param="n").status
     400
@@ -229,10 +250,14 @@ class APIError(Exception):
         param: str | None = None,
         type: str = "invalid_request_error",
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+        # A 429 always tells the client when to come back (RFC 9110, Retry-After).
+        self.headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else {}
+        self.headers.update(headers or {})
 
     def body(self) -> dict:
         return ErrorResponse(error=self.detail).model_dump()

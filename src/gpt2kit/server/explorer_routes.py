@@ -1,0 +1,244 @@
+"""The Explorer's JSON endpoints, as one APIRouter that app.py includes.
+
+>>> app.include_router(explorer_router(model, tokenizer), dependencies=bearer)  # doctest: +SKIP
+
+Every endpoint takes the page's text, tokenises it as the page shows it (special tokens
+allowed, '' = <|endoftext|>), checks it against the context and answers from
+explorer.py / attribution.py: the numbers are the model's own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from fastapi import APIRouter
+
+from gpt2kit.model import GPT2
+from gpt2kit.prompts import eos_id
+from gpt2kit.server import explorer
+from gpt2kit.server.attribution import direct_logit_attribution
+from gpt2kit.server.explorer_protocol import (
+    GRID_MAX_TOKENS,
+    AttentionDetail,
+    AttentionGridRequest,
+    AttentionGridResponse,
+    AttentionRequest,
+    AttentionResponse,
+    AttributionPart,
+    AttributionRequest,
+    AttributionResponse,
+    Candidate,
+    LensGridRequest,
+    LensGridResponse,
+    LensLayer,
+    LensRequest,
+    LensResponse,
+    NextCandidate,
+    NextRequest,
+    NextResponse,
+    SurpriseRequest,
+    SurpriseResponse,
+    SurpriseToken,
+    TokenInfo,
+)
+from gpt2kit.server.protocol import APIError
+from gpt2kit.tokenizer import Tokenizer
+
+
+def explorer_router(model: GPT2, tokenizer: Tokenizer) -> APIRouter:
+    """POST /api/next, /api/surprise, /api/attention(/grid), /api/lens(/grid), /api/attribution."""
+    router = APIRouter(prefix="/api", tags=["explorer"])
+    cfg = model.config
+    bos = eos_id(model, tokenizer)
+    names = _Names(tokenizer)
+
+    def prompt_ids(text: str) -> list[int]:
+        ids = tokenizer.encode(text, allowed_special="all") if text else [bos]
+        if len(ids) > cfg.n_positions:
+            raise APIError(
+                400, f"text has {len(ids)} tokens, more than the context of {cfg.n_positions}", param="text"
+            )
+        return ids
+
+    def check_layer_head(layer: int, head: int | None = None) -> None:
+        if layer >= cfg.n_layer:
+            raise APIError(400, f"layer must be < {cfg.n_layer} (the model's n_layer)", param="layer")
+        if head is not None and head >= cfg.n_head:
+            raise APIError(400, f"head must be < {cfg.n_head} (the model's n_head)", param="head")
+
+    def check_position(position: int, ids: list[int]) -> None:
+        if position >= len(ids):
+            raise APIError(
+                400, f"position must be < {len(ids)} (the text's tokens, counted from 0)", param="position"
+            )
+
+    @router.post("/next", response_model=NextResponse)
+    def next_token(body: NextRequest) -> NextResponse:
+        """The k most likely next tokens, before and after top-k / top-p, and optionally a seeded draw."""
+        ids = prompt_ids(body.text)
+        view = explorer.sampling_view(
+            model,
+            ids,
+            k=body.k,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            seed=body.seed,
+        )
+        choices = view.candidates + ([view.sampled] if view.sampled else [])
+        labels = names([c.id for c in choices])
+        tokens = [
+            NextCandidate(id=c.id, token=t, prob=c.prob, kept_prob=c.kept_prob)
+            for c, t in zip(choices, labels, strict=True)
+        ]
+        return NextResponse(
+            prompt_tokens=names.infos(ids),
+            tokens=tokens[: len(view.candidates)],
+            kept=view.kept,
+            sampled=tokens[-1] if view.sampled else None,
+        )
+
+    @router.post("/surprise", response_model=SurpriseResponse)
+    def surprise(body: SurpriseRequest) -> SurpriseResponse:
+        """Every token's log-probability and rank (scored after <|endoftext|>), total bits, bits per byte."""
+        ids = prompt_ids(body.text)  # not '': the schema asks for one character at least
+        scored = explorer.surprise(model, ids, bos=bos)
+        total_bits = -sum(scored.logprobs) / math.log(2)
+        n_bytes = len(body.text.encode("utf-8"))
+        return SurpriseResponse(
+            tokens=[
+                SurpriseToken(id=i.id, token=i.token, logprob=lp, rank=r)
+                for i, lp, r in zip(names.infos(ids), scored.logprobs, scored.ranks, strict=True)
+            ],
+            total_bits=total_bits,
+            bits_per_byte=total_bits / n_bytes,
+            n_bytes=n_bytes,
+        )
+
+    @router.post("/attention", response_model=AttentionResponse)
+    def attention(body: AttentionRequest) -> AttentionResponse:
+        """One head's attention weights (T x T, row i over tokens 0..i); with `position`, that query worked through."""
+        check_layer_head(body.layer, body.head)
+        ids = prompt_ids(body.text)
+        detail = None
+        if body.position is not None:
+            check_position(body.position, ids)
+            step = explorer.attention_step(
+                model, ids, layer=body.layer, head=body.head, position=body.position
+            )
+            detail = AttentionDetail(
+                position=step.position,
+                scale=step.scale,
+                query=step.query.tolist(),
+                keys=step.keys.tolist(),
+                dots=step.dots.tolist(),
+                scores=step.scores.tolist(),
+                weights=step.weights.tolist(),
+                values=step.values.tolist(),
+                output=step.output.tolist(),
+            )
+        weights = explorer.attention_head(model, ids, layer=body.layer, head=body.head)
+        return AttentionResponse(
+            tokens=names.infos(ids),
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            layer=body.layer,
+            head=body.head,
+            weights=_rounded(weights, 6),
+            detail=detail,
+        )
+
+    @router.post("/attention/grid", response_model=AttentionGridResponse)
+    def attention_grid(body: AttentionGridRequest) -> AttentionGridResponse:
+        """Every head of one layer as a small map over the first tokens (the page asks layer by layer)."""
+        check_layer_head(body.layer)
+        ids = prompt_ids(body.text)
+        shown = ids[:GRID_MAX_TOKENS]
+        note = None
+        if len(shown) < len(ids):
+            note = (
+                f"the grid shows the first {len(shown)} of {len(ids)} tokens (attention is causal, so "
+                "these are those tokens' exact maps); open a head for all of them"
+            )
+        weights = explorer.attention(model, shown, layer=body.layer)  # (nh, shown, shown)
+        return AttentionGridResponse(
+            tokens=names.infos(ids),
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            layer=body.layer,
+            shown=len(shown),
+            note=note,
+            heads=[_rounded(w, 4) for w in weights],
+        )
+
+    @router.post("/lens", response_model=LensResponse)
+    def lens(body: LensRequest) -> LensResponse:
+        """Logit lens: the top next tokens read from each layer's residual stream at one position."""
+        ids = prompt_ids(body.text)
+        position = len(ids) - 1 if body.position is None else body.position
+        check_position(position, ids)
+        layers = explorer.logit_lens(model, ids, k=body.k, position=position)
+        return LensResponse(
+            tokens=names.infos(ids),
+            position=position,
+            layers=[LensLayer(layer=i, tokens=names.candidates(top)) for i, top in enumerate(layers)],
+        )
+
+    @router.post("/lens/grid", response_model=LensGridResponse)
+    def lens_grid(body: LensGridRequest) -> LensGridResponse:
+        """The logit lens at every position: per layer and position, the top token and its probability."""
+        ids = prompt_ids(body.text)
+        top_ids, top_probs = explorer.lens_grid(model, ids)
+        return LensGridResponse(
+            tokens=names.infos(ids),
+            cells=[
+                names.candidates(list(zip(row_ids, row_probs, strict=True)))
+                for row_ids, row_probs in zip(top_ids.tolist(), top_probs.tolist(), strict=True)
+            ],
+        )
+
+    @router.post("/attribution", response_model=AttributionResponse)
+    def attribution(body: AttributionRequest) -> AttributionResponse:
+        """Direct logit attribution of one next token at the last position, per layer and head."""
+        if body.token_id is not None and body.token_id >= cfg.vocab_size:
+            raise APIError(
+                400, f"token_id must be < {cfg.vocab_size} (the model's vocabulary)", param="token_id"
+            )
+        ids = prompt_ids(body.text)
+        a = direct_logit_attribution(model, ids, token_id=body.token_id)
+        return AttributionResponse(
+            token_id=a.token_id,
+            token=names([a.token_id])[0],
+            logit=a.logit,
+            bias=a.bias,
+            parts=[AttributionPart(name=n, value=v) for n, v in a.parts],
+            heads=a.heads,
+        )
+
+    return router
+
+
+class _Names:
+    """Token ids as the strings the page shows (ids past the tokenizer's vocabulary, which a
+    model with a padded embedding may score, are named by their id)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, ids: list[int]) -> list[str]:
+        n = self.tokenizer.n_vocab
+        known = iter(self.tokenizer.decode_tokens([i for i in ids if i < n]))
+        return [next(known) if i < n else f"<id {i}>" for i in ids]
+
+    def infos(self, ids: list[int]) -> list[TokenInfo]:
+        return [TokenInfo(id=i, token=t) for i, t in zip(ids, self(ids), strict=True)]
+
+    def candidates(self, top: list[tuple[int, float]]) -> list[Candidate]:
+        labels = self([i for i, _ in top])
+        return [Candidate(id=i, token=t, prob=p) for (i, p), t in zip(top, labels, strict=True)]
+
+
+def _rounded(t: torch.Tensor, digits: int) -> list[list[float]]:
+    """A weight matrix as JSON-friendly rows; rounding keeps a context-sized map small on the wire."""
+    return torch.round(t.double(), decimals=digits).tolist()

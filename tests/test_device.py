@@ -1,0 +1,174 @@
+"""gpt2kit.device: one choice of device and dtype for every command.
+
+The hardware probes (`cuda_available`, `mps_available`, `cpu_bf16`, `cuda_bf16`, `mps_bf16`,
+`cpu_features`) are faked at their function boundary, so each rule is checked whatever
+machine runs the tests; torch itself is never mocked.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpt2kit.device as dev
+from gpt2kit.errors import ConfigError
+
+
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch):
+    """machine(cuda=..., mps=..., cpu_bf16=..., cuda_bf16=..., mps_bf16=...) sets what the probes say."""
+
+    def fake(*, cuda=False, mps=False, cpu_bf16=None, cuda_bf16=None, mps_bf16=None) -> None:
+        monkeypatch.setattr(dev, "cuda_available", lambda: cuda)
+        monkeypatch.setattr(dev, "mps_available", lambda: mps)
+        monkeypatch.setattr(dev, "cpu_bf16", lambda: cpu_bf16)
+        monkeypatch.setattr(dev, "cuda_bf16", lambda device: cuda_bf16)
+        monkeypatch.setattr(dev, "mps_bf16", lambda: mps_bf16)
+
+    return fake
+
+
+# --- devices ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "expected"),
+    [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu")],
+)
+def test_auto_device_is_cuda_then_mps_then_cpu(machine, cuda: bool, mps: bool, expected: str) -> None:
+    machine(cuda=cuda, mps=mps)
+    assert dev.pick_device("auto") == torch.device(expected)
+    assert dev.pick_device() == torch.device(expected)
+
+
+def test_every_command_picks_its_device_with_the_one_function() -> None:
+    # generate, serve and eval load through cli._model.load; train and the quick start call
+    # pick_device themselves: the same function, so `auto` (MPS included) means one thing.
+    import gpt2kit.cli.eval
+    import gpt2kit.cli.generate
+    import gpt2kit.cli.serve
+    import gpt2kit.quickstart
+    import gpt2kit.train
+
+    assert gpt2kit.train.pick_device is dev.pick_device
+    assert gpt2kit.quickstart.pick_device is dev.pick_device
+    for module in (gpt2kit.cli.generate, gpt2kit.cli.serve, gpt2kit.cli.eval):
+        assert not hasattr(module, "pick_device") and not hasattr(module, "pick_dtype"), module
+
+
+def test_torchrun_puts_plain_cuda_on_the_local_gpu(machine) -> None:
+    machine(cuda=True)
+    assert dev.pick_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    assert dev.pick_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert dev.pick_device("cuda") == torch.device("cuda")
+    assert dev.pick_device("cpu", local_rank=1) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("name", "flag", "fragments"),
+    [
+        ("foo", "--device", ["--device foo: unknown device", "use cpu, cuda, cuda:N, mps or auto"]),
+        ("cuda", "--device", ["--device cuda: ", "use --device cpu"]),
+        ("cuda:3", "--set device=", ["--set device=cuda:3: ", "use --set device=cpu"]),
+        ("mps", "device=", ["device=mps: MPS is not available here", "use device=cpu"]),
+        ("meta", "--device", ["--device meta: gpt2kit runs on cpu, cuda or mps"]),
+    ],
+)
+def test_unusable_devices_are_one_line_errors(machine, name: str, flag: str, fragments: list[str]) -> None:
+    machine(cuda=False, mps=False)
+    with pytest.raises(ConfigError) as e:
+        dev.pick_device(name, flag=flag)
+    message = str(e.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+# --- dtypes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("native", ["CUDA bf16", None])
+def test_cuda_index_gets_what_cuda_gets(machine, native: str | None) -> None:
+    machine(cuda=True, cuda_bf16=native)
+    expected = torch.bfloat16 if native else torch.float32
+    for name in ("cuda", "cuda:0", "cuda:1"):
+        assert dev.pick_dtype("auto", torch.device(name)) == expected, name
+        assert dev.pick_dtype("auto", name) == expected, name
+
+
+def test_auto_dtype_on_a_cpu_follows_its_bf16_instructions(machine) -> None:
+    machine(cpu_bf16=None)
+    assert dev.pick_dtype("auto", "cpu") == torch.float32
+    dtype, why = dev.auto_dtype("cpu")
+    assert dtype == torch.float32 and "no native bf16" in why
+    machine(cpu_bf16="AVX512-BF16")
+    assert dev.pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert dev.auto_dtype("cpu") == (torch.bfloat16, "this CPU has AVX512-BF16")
+
+
+def test_mps_gets_bf16_only_where_it_accepts_it(machine) -> None:
+    machine(mps=True, mps_bf16=None)
+    assert dev.pick_dtype("auto", "mps") == torch.float32
+    machine(mps=True, mps_bf16="MPS bf16")
+    assert dev.pick_dtype("auto", "mps") == torch.bfloat16
+
+
+def test_named_dtypes_ignore_the_hardware(machine) -> None:
+    machine(cpu_bf16=None)
+    for name, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)]:
+        assert dev.pick_dtype(name, "cpu") == dtype
+        assert dev.pick_dtype(dtype, "cpu") == dtype
+    assert dev.pick_dtype(torch.float64, "cpu") == torch.float64  # reference computations
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("float64", "--dtype float64: unknown dtype; use one of auto, float32, bfloat16, float16"),
+        ("fp32", "--dtype fp32: unknown dtype"),
+        (torch.int8, "--dtype torch.int8: a model computes in a floating-point dtype"),
+        (torch.int64, "--dtype torch.int64: a model computes in a floating-point dtype"),
+    ],
+)
+def test_bad_dtypes_are_one_line_errors(value, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        dev.pick_dtype(value, "cpu")
+
+
+# --- the CPU probes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("features", "bf16", "int8"),
+    [
+        ({"avx512_bf16": True, "avx512_vnni": True}, "AVX512-BF16", "AVX512-VNNI"),
+        ({"amx_tile": True, "amx_bf16": True, "amx_int8": True, "avx512_bf16": True}, "AMX", "AMX-INT8"),
+        ({"avx512_vnni": True}, None, "AVX512-VNNI"),  # Cascade Lake: int8 dot products, no bf16
+        ({"avx_vnni": True}, None, "AVX-VNNI"),
+        ({"avx2": True}, None, None),
+        ({"architecture": "aarch64", "bf16": True, "i8mm": True}, "Arm BF16", "Arm dot product"),
+        ({}, None, None),
+    ],
+)
+def test_cpu_probes_read_the_instruction_set_flags(
+    monkeypatch: pytest.MonkeyPatch, features: dict, bf16: str | None, int8: str | None
+) -> None:
+    monkeypatch.setattr(dev, "cpu_features", lambda: features)
+    assert dev.cpu_bf16() == bf16
+    assert dev.cpu_int8() == int8
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists(), reason="reads Linux x86 CPU flags"
+)
+def test_cpu_probes_agree_with_the_kernel() -> None:
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert (dev.cpu_bf16() is not None) == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert (dev.cpu_int8() is not None) == bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
