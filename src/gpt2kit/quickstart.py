@@ -48,7 +48,7 @@ CPU_RECIPE: dict[str, Any] = {
     "block_size": 128,
     "batch_size": 16,
     "optimizer": "muon",
-    "lr": 2e-3,
+    "lr": 4e-3,
     "muon_lr": 0.02,
     "muon_weight_decay": 0.0,
     "schedule": "wsd",
