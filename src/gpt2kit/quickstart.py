@@ -175,14 +175,17 @@ def quickstart(
         stage(f"2/4 timing a few steps on {device} to fit {minutes:g} minutes of training")
         # The schedule follows the clock and ends the run when the minutes are up; max_steps
         # (a fifth above the estimate, in case the machine gets faster) only caps it.
-        max_steps = int(1.2 * calibrate_steps(cfg, 60 * minutes))
+        estimate = calibrate_steps(cfg, 60 * minutes)
+        max_steps = int(1.2 * estimate)
+        length = f"{minutes:g} minutes (about {estimate} steps)"
     else:
         minutes = 0.0  # --max-steps: exactly that many steps, whatever the time
+        length = f"{max_steps} steps"
     cfg = quickstart_config(data_dir, device=device, max_steps=max_steps, minutes=minutes)
     cfg = TrainConfig.from_dict({**cfg.to_dict(), **(overrides or {})}, source="quickstart overrides")
     stage(
         f"3/4 training a GPT-2 (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, block {cfg.block_size}) "
-        f"for {max_steps} steps into {out}"
+        f"for {length} into {out}"
     )
     t0 = time.perf_counter()
     result = train(cfg, out, on_event=on_event)
