@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from conftest import shakespeare_plays
 from gpt2kit.checkpoint import load_model, load_tokenizer
 from gpt2kit.errors import ConfigError
 from gpt2kit.metrics import read_metrics
-from gpt2kit.quickstart import PROMPTS, quickstart
+from gpt2kit.quickstart import CPU_RECIPE, GPU_RECIPE, PROMPTS, quickstart, quickstart_config
 
 # A tiny model, not compiled (compiling would take longer than the whole test).
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 48, "block_size": 64, "batch_size": 8, "threads": 1}
@@ -65,3 +66,27 @@ def test_quickstart_end_to_end(small_corpus: Path, tmp_path: Path) -> None:
     # a second run into the same directory refuses and says how to continue
     with pytest.raises(ConfigError, match="--resume"):
         quickstart(out, max_steps=20, device="cpu", inputs=(str(small_corpus),), tokenizer="bpe:300")
+
+
+def documented_recipes() -> dict[str, dict]:
+    """The TOML blocks under docs/training.md's "The quick start's recipe" heading, by device."""
+    doc = (Path(__file__).parents[1] / "docs" / "training.md").read_text(encoding="utf-8")
+    section = doc.split("### The quick start's recipe", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```toml\n# (cpu|gpu)\n(.*?)```", section, flags=re.S)
+    tomllib = pytest.importorskip("tomllib")
+    return {device: tomllib.loads(body) for device, body in blocks}
+
+
+def test_the_quickstart_trains_the_documented_recipe(tmp_path: Path) -> None:
+    documented = documented_recipes()
+    assert set(documented) == {"cpu", "gpu"}
+    assert documented["cpu"] == CPU_RECIPE and documented["gpu"] == GPU_RECIPE
+    for device, recipe in (("cpu", CPU_RECIPE), ("cuda", GPU_RECIPE)):
+        cfg = quickstart_config(tmp_path, device=device, max_steps=1500, minutes=5.0)
+        assert {key: getattr(cfg, key) for key in recipe} == recipe
+        # the budget drives the schedule: the decay ends when the 5 minutes do
+        assert cfg.max_minutes == 5.0 and cfg.warmup_steps == 75
+    # examples/shakespeare.toml is the same recipe as a step-count run
+    tomllib = pytest.importorskip("tomllib")
+    example = tomllib.loads((Path(__file__).parents[1] / "examples" / "shakespeare.toml").read_text())
+    assert {key: example[key] for key in CPU_RECIPE} == CPU_RECIPE

@@ -127,6 +127,52 @@ def test_fsdp_resume_is_bit_identical(fsdp_run: Path, tmp_path: Path) -> None:
     assert [(r["step"], r["loss"]) for r in got] == [(r["step"], r["loss"]) for r in ref]
 
 
+# One Newton-Schulz iteration: Muon's bf16 iterations amplify a last-bit difference of a summed
+# gradient (5 iterations: 1e-7 relative becomes 1e-3 in the weights within 5 steps; 1: 2e-6), and
+# what is tested (DTensor products over the whole sharded matrix) is the same for any count.
+MUON = {"optimizer": "muon", "muon_ns_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def fsdp_muon_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("fsdp-muon") / "run"
+    proc = torchrun(*tiny_args(data_dir, run, parallel="fsdp", **MUON, **SETTINGS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP: weights, gradients and Muon and AdamW state sharded over 2 processes" in proc.stderr
+    return run
+
+
+def test_fsdp_muon_matches_one_process(data_dir: Path, fsdp_muon_run: Path, tmp_path: Path) -> None:
+    """torch.optim.Muon steps the sharded (DTensor) matrices: its Newton-Schulz products run on
+    DTensors, which gather what each product needs, so the update is the whole matrix's."""
+    one_run = tmp_path / "one"
+    train(config(data_dir, **MUON, **SETTINGS), one_run)
+    one, _ = read_metrics(one_run)
+    two, _ = read_metrics(fsdp_muon_run)
+    # Muon rounds its update to bf16: a last-bit difference can move an entry by one bf16 step.
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=0, atol=1e-4)
+    a, b = load_model(one_run / "final"), load_model(fsdp_muon_run / "final")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    # the checkpoint holds Muon's momentum and AdamW's moments, in the single-process layout
+    t1 = load_file(one_run / "ckpt-000006" / "trainer.safetensors")
+    t2 = load_file(fsdp_muon_run / "ckpt-000006" / "trainer.safetensors")
+    assert t1.keys() == t2.keys() and "optim.0.momentum_buffer" in t2
+    s1, s2 = (json.loads((d / "ckpt-000006" / "trainer.json").read_text()) for d in (one_run, fsdp_muon_run))
+    assert s1["optimizer"] == s2["optimizer"]
+
+
+def test_fsdp_muon_resume_is_bit_identical(fsdp_muon_run: Path, tmp_path: Path) -> None:
+    part = tmp_path / "part"
+    shutil.copytree(fsdp_muon_run, part)
+    shutil.rmtree(part / "ckpt-000006")
+    shutil.rmtree(part / "final")
+    proc = torchrun("train", "--resume", str(part), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full = (fsdp_muon_run / "final" / "model.safetensors").read_bytes()
+    assert (part / "final" / "model.safetensors").read_bytes() == full
+
+
 def test_fsdp_nonfinite_loss_stops_every_rank(data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     settings = {"max_steps": 4, "lr": 1e30, "warmup_steps": 0, "grad_clip": 0.0, "ckpt_interval": 1}

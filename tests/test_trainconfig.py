@@ -88,6 +88,14 @@ def test_overrides_are_toml_values(item: str, expected: tuple) -> None:
         (["compile=maybe"], "compile must be true or false"),
         (["beta2=1.5"], "beta2 must be in [0, 1)"),
         (["noequals"], "--set expects key=value"),
+        (["optimizer=sgd"], "optimizer must be one of adamw, muon, got 'sgd'"),
+        (["schedule=linear"], "schedule must be one of cosine, wsd, got 'linear'"),
+        (["muon_lr=0"], "muon_lr must be a finite number > 0"),
+        (["muon_weight_decay=-0.1"], "muon_weight_decay must be a finite number >= 0"),
+        (["muon_momentum=1.0"], "muon_momentum must be in [0, 1)"),
+        (["muon_ns_steps=0"], "muon_ns_steps must be an integer from 1 to 99"),
+        (["muon_adjust_lr_fn=none"], "muon_adjust_lr_fn must be one of original, match_rms_adamw"),
+        (["decay_fraction=1.5"], "decay_fraction must be in (0, 1]"),
     ],
 )
 def test_config_errors_name_the_key(overrides: list[str], message: str) -> None:

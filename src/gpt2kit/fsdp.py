@@ -34,6 +34,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from gpt2kit.errors import CheckpointError
 from gpt2kit.model import GPT2, sinusoidal_table
+from gpt2kit.optim import Optimizers
 from gpt2kit.runcheckpoint import RunCheckpoint, optimizer_state
 
 # Gathered state goes to rank 0's CPU only: a full copy on every GPU is what FSDP avoids.
@@ -88,12 +89,12 @@ def full_model(model: GPT2) -> GPT2 | None:
     return plain.eval()
 
 
-def full_optimizer_state(model: GPT2, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+def full_optimizer_state(model: GPT2, optimizer: Optimizers) -> dict[str, Any] | None:
     """The unsharded `optimizer.state_dict()` (index keys, CPU tensors) on rank 0, None elsewhere.
 
     A collective, like `full_model`.
     """
-    state = get_optimizer_state_dict(model, optimizer, options=GATHER)
+    state = get_optimizer_state_dict(model, optimizer.optimizers, options=GATHER)
     if dist.get_rank() != 0:
         return None
     # torch keys it by parameter name; optimizer.state_dict() numbers parameters group by group.
@@ -104,7 +105,7 @@ def full_optimizer_state(model: GPT2, optimizer: torch.optim.Optimizer) -> dict[
     return {"state": {index[name]: s for name, s in state["state"].items()}, "param_groups": groups}
 
 
-def restore_optimizer(model: GPT2, optimizer: torch.optim.Optimizer, ckpt: RunCheckpoint) -> None:
+def restore_optimizer(model: GPT2, optimizer: Optimizers, ckpt: RunCheckpoint) -> None:
     """Load a checkpoint's (unsharded) optimizer state into the sharded `optimizer`.
 
     Every rank reads the checkpoint itself, as it reads the model weights and RNG states,
@@ -122,7 +123,9 @@ def restore_optimizer(model: GPT2, optimizer: torch.optim.Optimizer, ckpt: RunCh
         sizes = [len(g["params"]) for g in saved["param_groups"]]
         if sizes != [len(g["params"]) for g in optimizer.param_groups]:
             raise ValueError(f"parameter groups of {sizes} parameters")
-        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            model, optimizer.optimizers, by_name, options=StateDictOptions(full_state_dict=True)
+        )
     except (ValueError, KeyError, IndexError, RuntimeError) as e:
         raise CheckpointError(
             f"{ckpt.path}: optimizer state doesn't fit this model ({e}); resume with the run's own config"

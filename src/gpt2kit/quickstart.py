@@ -2,9 +2,10 @@
 
 Steps (each reuses the real pipeline, nothing demo-only):
 1. `prepare(["shakespeare"], OUT/data, tokenizer="bpe:4096")` (skipped when already there);
-2. pick a model for the device (small on CPU, bigger on a GPU) and time a few steps to turn
-   the minutes of the budget into `max_steps`, so warmup + cosine decay fit the budget;
-3. `train(...)` into OUT (with `max_minutes` as a hard stop if the machine slows down);
+2. pick the recipe for the device (CPU_RECIPE: a small model, Muon, bf16 where the CPU has
+   it; GPU_RECIPE: bigger and compiled) and time a few steps to estimate how many fit;
+3. `train(...)` into OUT with `max_minutes` = the budget: the warmup-stable-decay schedule
+   follows the clock, so the learning rate reaches zero when the minutes are up;
 4. score the whole val split (nats/token and bits per byte) and sample a few prompts.
 
 >>> result = quickstart("runs/quickstart", minutes=5)  # doctest: +SKIP
@@ -37,10 +38,34 @@ VAL_FRACTION = 0.1  # ~4 of the 38 plays: a val loss worth reporting
 PROMPTS = ("ROMEO:", "JULIET:\n", "First Citizen:")
 EVALS, EVAL_ITERS = 4, 5  # few, small evaluations: the budget is for training
 
-# Chosen for learning the most per second on a 2-core CPU: a short context (Shakespeare's
-# speeches are short) and a narrow, shallow model; the lr is high because the run is short.
-CPU_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "batch_size": 16, "lr": 2e-3}
-GPU_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "batch_size": 64, "lr": 1e-3}
+# The recipes, measured on a 2-core CPU for the lowest val loss in the budget
+# (benchmarks/README.md); docs/training.md shows them and tests/test_quickstart.py checks that
+# it shows these. The GPU recipe takes the CPU's optimizer and schedule to a bigger model.
+CPU_RECIPE: dict[str, Any] = {
+    "n_layer": 4,
+    "n_head": 4,
+    "n_embd": 128,
+    "block_size": 128,
+    "batch_size": 16,
+    "optimizer": "muon",
+    "lr": 4e-3,
+    "muon_lr": 0.02,
+    "muon_weight_decay": 0.0,
+    "schedule": "wsd",
+    "decay_fraction": 0.4,
+    "weight_decay": 0.1,
+    "dtype": "auto",
+    "compile": False,
+}
+GPU_RECIPE: dict[str, Any] = {
+    **CPU_RECIPE,
+    "n_layer": 6,
+    "n_head": 6,
+    "n_embd": 384,
+    "block_size": 256,
+    "batch_size": 64,
+    "compile": True,
+}
 
 
 @dataclass
@@ -55,16 +80,21 @@ class QuickstartResult:
     bits_per_byte: float | None
     val_tokens: int
     samples: dict[str, str]
+    config: TrainConfig  # what was trained (also in RUN_DIR/config.toml)
 
 
 def quickstart_config(data_dir: Path, *, device: str, max_steps: int, minutes: float) -> TrainConfig:
-    on_gpu = device.startswith("cuda")
-    sizes = GPU_MODEL if on_gpu else CPU_MODEL
+    """The recipe for `device`, with a time budget of `minutes` (0: none) that the schedule follows.
+
+    `max_steps` (an estimate of the steps that fit, or the exact count with minutes=0) sets the
+    warmup and the evaluation, log and checkpoint intervals.
+    """
+    recipe = GPU_RECIPE if device.startswith("cuda") else CPU_RECIPE
     return TrainConfig(
         data=str(data_dir),
-        **sizes,
+        **recipe,
         max_steps=max_steps,
-        min_lr=sizes["lr"] / 10,
+        max_minutes=minutes,
         warmup_steps=min(100, max(1, max_steps // 20)),
         eval_interval=max(1, max_steps // EVALS),
         eval_iters=EVAL_ITERS,
@@ -72,11 +102,6 @@ def quickstart_config(data_dir: Path, *, device: str, max_steps: int, minutes: f
         ckpt_interval=max(1, max_steps // 2),
         keep_last=1,
         device=device,
-        # On CPU compiling costs minutes of the budget and, with this model's 4096-token head,
-        # gained nothing measurable (benchmarks/README.md); on a GPU it pays for itself.
-        compile=on_gpu,
-        # a hard stop 15% past the budget, in case the machine gets slower than when timed
-        max_minutes=minutes * 1.15 if minutes > 0 else 0.0,
     )
 
 
@@ -87,18 +112,14 @@ def calibrate_steps(cfg: TrainConfig, seconds: float) -> int:
             max_steps=8, log_interval=4, eval_interval=10**9, ckpt_interval=10**9, max_minutes=0.0
         )
         records: list[dict[str, Any]] = []
-        t0 = time.perf_counter()
         train(
             timing, Path(tmp) / "run", on_event=lambda e: records.append(e) if "tokens_per_s" in e else None
         )
-        wall = time.perf_counter() - t0
     rate = records[-1]["tokens_per_s"]  # steps 5..8: after the first, slow ones (and compilation)
     step_s = cfg.batch_size * cfg.block_size * cfg.grad_accum / rate
-    # Start-up and compilation happen again in the real run (cached, so usually faster).
-    overhead = max(0.0, wall - 8 * step_s)
     # Each evaluation runs 2 x eval_iters forward passes, about a third of a step each.
     eval_steps = EVALS * 2 * cfg.eval_iters / 3
-    return max(20, int((seconds - overhead) / step_s - eval_steps))
+    return max(20, int(seconds / step_s - eval_steps))
 
 
 def quickstart(
@@ -152,14 +173,19 @@ def quickstart(
         cfg = quickstart_config(data_dir, device=device, max_steps=1000, minutes=minutes)
         cfg = cfg.replace(**(overrides or {}))
         stage(f"2/4 timing a few steps on {device} to fit {minutes:g} minutes of training")
-        max_steps = calibrate_steps(cfg, 60 * minutes)
-    cfg = quickstart_config(
-        data_dir, device=device, max_steps=max_steps, minutes=minutes if minutes > 0 else 0
-    )
+        # The schedule follows the clock and ends the run when the minutes are up; max_steps
+        # (a fifth above the estimate, in case the machine gets faster) only caps it.
+        estimate = calibrate_steps(cfg, 60 * minutes)
+        max_steps = int(1.2 * estimate)
+        length = f"{minutes:g} minutes (about {estimate} steps)"
+    else:
+        minutes = 0.0  # --max-steps: exactly that many steps, whatever the time
+        length = f"{max_steps} steps"
+    cfg = quickstart_config(data_dir, device=device, max_steps=max_steps, minutes=minutes)
     cfg = TrainConfig.from_dict({**cfg.to_dict(), **(overrides or {})}, source="quickstart overrides")
     stage(
         f"3/4 training a GPT-2 (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, block {cfg.block_size}) "
-        f"for {max_steps} steps into {out}"
+        f"for {length} into {out}"
     )
     t0 = time.perf_counter()
     result = train(cfg, out, on_event=on_event)
@@ -190,6 +216,7 @@ def quickstart(
         bits_per_byte=scores["bits_per_byte"],
         val_tokens=scores["tokens"],
         samples=samples,
+        config=cfg,
     )
 
 

@@ -42,6 +42,7 @@ from gpt2kit import atomic
 from gpt2kit.checkpoint import save_model
 from gpt2kit.errors import CheckpointError
 from gpt2kit.model import GPT2
+from gpt2kit.optim import Optimizers
 from gpt2kit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def save_checkpoint(
     step: int,
     model: GPT2,
     tokenizer: Tokenizer | None,
-    optimizer: torch.optim.Optimizer | dict[str, Any],
+    optimizer: Optimizers | dict[str, Any],
     state: dict[str, Any],
     keep_last: int,
 ) -> Path:
@@ -211,13 +212,14 @@ def optimizer_state(ckpt: RunCheckpoint) -> dict[str, Any]:
         for idx, names in saved["slots"].items()
     }
     groups = saved["param_groups"]
-    for group in groups:
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
+    for group in groups:  # JSON made lists of the tuples
+        for key in ("betas", "ns_coefficients"):
+            if isinstance(group.get(key), list):
+                group[key] = tuple(group[key])
     return {"state": state, "param_groups": groups}
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: RunCheckpoint) -> None:
+def restore_optimizer(optimizer: Optimizers, ckpt: RunCheckpoint) -> None:
     """Load the saved moments and hyper-parameters into `optimizer` (same parameter order)."""
     saved = optimizer_state(ckpt)
     try:

@@ -1,19 +1,23 @@
 """The training loop: next-token prediction on prepared data, on one device or many (DDP or FSDP).
 
 What one optimizer step does (GPT2.md, "Training"):
-1. lr from the schedule: linear warmup, then cosine decay to `min_lr` (a pure function of step);
+1. lr from the schedule (schedule.py): linear warmup, then cosine to `min_lr` or constant and a
+   linear decay to zero, ending at `max_steps` or when the `max_minutes` budget is spent;
 2. `grad_accum` micro-batches of random blocks (batches.py), each a pure function of
-   (seed, step, micro), loss scaled so the gradient is the global batch's mean;
+   (seed, step, micro), loss scaled so the gradient is the global batch's mean; forward and
+   backward under bf16 autocast where the device has native bf16 (`dtype = "auto"`);
 3. gradient clipping at `grad_clip`; a non-finite gradient norm stops the run (or skips the step);
-4. AdamW with weight decay on >= 2-D parameters only (fused kernels where available).
+4. the optimizer step (optim.py): AdamW with weight decay on >= 2-D parameters only, or Muon
+   for the blocks' matrices and AdamW for the rest.
 
 Every `eval_interval` steps train/val loss is estimated on fixed batches, every
 `ckpt_interval` steps (and at the end, and on Ctrl-C) a checkpoint is written
 (runcheckpoint.py). Since all state is saved and all randomness is derived from the step,
-a resumed run is bit-identical to an uninterrupted one on CPU.
+a resumed run is bit-identical to an uninterrupted one on CPU (unless a time budget drives
+the schedule: its lr depends on the machine's speed).
 
 Under torchrun, `parallel="ddp"` trains a DistributedDataParallel replica per process and
-`parallel="fsdp"` shards weights, gradients and AdamW state over the processes (fsdp.py);
+`parallel="fsdp"` shards weights, gradients and optimizer state over the processes (fsdp.py);
 both see the same micro-batches and average the same gradients, so the loss curve is the
 same, and checkpoints have the same format either way.
 
@@ -48,10 +52,11 @@ from gpt2kit.batches import BlockSampler, micro_steps
 from gpt2kit.checkpoint import from_hf_state_dict, read_state_dict, resolve, save_model
 from gpt2kit.config import GPT2Config
 from gpt2kit.data import TokenData
-from gpt2kit.device import native_bf16, pick_device
+from gpt2kit.device import auto_dtype, pick_device
 from gpt2kit.errors import CheckpointError, ConfigError, DataError, Gpt2kitError
 from gpt2kit.metrics import MetricsLog
 from gpt2kit.model import GPT2
+from gpt2kit.optim import build_optimizer
 from gpt2kit.runcheckpoint import (
     RunCheckpoint,
     checkpoint_dirs,
@@ -62,6 +67,7 @@ from gpt2kit.runcheckpoint import (
     save_checkpoint,
     write_dir,
 )
+from gpt2kit.schedule import lr_scale
 from gpt2kit.trainconfig import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -87,40 +93,10 @@ class TrainResult:
     val_loss: float | None
     best_val_loss: float | None
     tokens_per_s: float | None
+    elapsed_s: float  # the run's clock for max_minutes: training loop time, earlier sessions included
 
 
 # --- pieces that are useful on their own ------------------------------------------------------
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr.
-
-    >>> cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=100)
-    >>> lr_at(0, cfg), lr_at(9, cfg), round(lr_at(99, cfg), 6)
-    (0.0001, 0.001, 0.0001)
-    """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.max_steps - 1 - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return cfg.decay_to + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.decay_to)
-
-
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: matrices and embeddings (>= 2-D) decay; biases and LayerNorms don't."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # Fused AdamW updates all parameters in a few kernels; PyTorch has it on CUDA and CPU.
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused
-    )
 
 
 def flops_per_token(config: GPT2Config, block_size: int) -> float:
@@ -227,11 +203,17 @@ def init_distributed(device_name: str) -> Dist:
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain float32). Weights and optimizer state stay float32."""
+    """The autocast dtype (None: plain float32). Weights and optimizer state stay float32.
+
+    `dtype = "auto"` is gpt2kit.device's choice (bf16 where the GPU or CPU computes it
+    natively) on CUDA and CPUs; on MPS it stays float32 (bf16 training there is unmeasured).
+    """
     if cfg.dtype == "auto":
-        if device.type == "cuda" and native_bf16(device):
-            return torch.bfloat16
-        return None
+        if device.type not in ("cuda", "cpu"):
+            return None
+        dtype, reason = auto_dtype(device)
+        log.info("dtype auto: %s: %s", reason, "bf16 autocast" if dtype == torch.bfloat16 else "float32")
+        return None if dtype == torch.float32 else dtype
     return None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
 
 
@@ -344,7 +326,8 @@ def _train(
         fsdp.shard(raw_model, device, param_dtype=amp if amp == torch.bfloat16 else None)
         if d.main:
             log.info(
-                "FSDP: weights, gradients and AdamW state sharded over %d processes%s",
+                "FSDP: weights, gradients and %s state sharded over %d processes%s",
+                "Muon and AdamW" if cfg.optimizer == "muon" else "AdamW",
                 d.world_size,
                 " (bf16 compute, float32 reduction)" if amp == torch.bfloat16 else "",
             )
@@ -352,9 +335,17 @@ def _train(
     # After sharding: the optimizer must hold the sharded (DTensor) parameters.
     optimizer = build_optimizer(raw_model, cfg, device)
     step = 0
+    elapsed_before = 0.0  # seconds of this run's time budget used before this process started
     best_val: float | None = None
     best_step: int | None = None
     if ckpt is not None:
+        trained_with = ckpt.state.get("config", {}).get("optimizer", "adamw")
+        if trained_with != cfg.optimizer:
+            raise ConfigError(
+                f"{ckpt.path} holds {trained_with} optimizer state, but optimizer is {cfg.optimizer!r}; "
+                f"resume with --set optimizer={trained_with}, or start a new run from its weights "
+                f"with --set init_from={ckpt.path}"
+            )
         # The weights came with build_model (every rank reads them; sharding kept each rank's slice).
         if sharded:
             fsdp.restore_optimizer(raw_model, optimizer, ckpt)
@@ -362,6 +353,7 @@ def _train(
             restore_optimizer(optimizer, ckpt)
         restore_rng(ckpt)
         step = ckpt.step
+        elapsed_before = float(ckpt.state.get("elapsed_s", 0.0))
         best_val, best_step = ckpt.state.get("best_val_loss"), ckpt.state.get("best_step")
         log.info("resuming from %s (step %d)", ckpt.path, step)
     else:
@@ -394,7 +386,7 @@ def _train(
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     micros = list(micro_steps(cfg.grad_accum, rank=d.rank, world_size=d.world_size))
-    scale = 1.0 / len(micros)  # DDP and FSDP average over ranks, so the gradient is the global mean
+    loss_scale = 1.0 / len(micros)  # DDP and FSDP average over ranks, so the gradient is the global mean
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     flops = flops_per_token(raw_model.config, cfg.block_size)
     peak = peak_flops(device)
@@ -415,6 +407,12 @@ def _train(
     saved_step = step if ckpt else -1
     train_loss = val_loss = rate = None
     interrupted = False
+    t_start = time.perf_counter()
+    budget_s = 60 * cfg.max_minutes
+    trained_s = elapsed_before
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_start
 
     def checkpoint() -> None:
         nonlocal last_ckpt, saved_step
@@ -432,6 +430,7 @@ def _train(
                 "best_val_loss": best_val,
                 "best_step": best_step,
                 "world_size": d.world_size,
+                "elapsed_s": elapsed(),
             }
             last_ckpt = save_checkpoint(
                 run_dir,
@@ -457,18 +456,19 @@ def _train(
             "device": str(device),
             "world_size": d.world_size,
             "tokens_per_step": tokens_per_step,
+            "max_minutes": cfg.max_minutes,
         },
         to_file=False,
     )
     try:
         with _Interrupt() as interrupt:
-            t_log, steps_since_log = time.perf_counter(), 0
-            t_start, steps_run = time.perf_counter(), 0
+            t_log, steps_since_log, steps_run = time.perf_counter(), 0, 0
+            # Seconds of the budget used, the same on every rank (rank clocks differ): the lr follows it.
+            used = elapsed_before
             model.train()
             while step < cfg.max_steps:
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                lr_mult = lr_scale(step, cfg, elapsed_s=used)
+                optimizer.set_lr_scale(lr_mult)
                 loss_sum = torch.zeros((), device=device)
                 for j, m in enumerate(micros):
                     x, y = train_sampler.batch(step=step, micro=m, batch_size=cfg.batch_size)
@@ -477,7 +477,7 @@ def _train(
                     # Gradients are averaged across ranks on the last micro-step only.
                     with contextlib.nullcontext() if sync else no_sync():
                         with autocast():
-                            loss = model(x, y).loss * scale
+                            loss = model(x, y).loss * loss_scale
                         loss.backward()
                     loss_sum += loss.detach()
                 norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
@@ -508,14 +508,16 @@ def _train(
                     now = time.perf_counter()
                     rate = tokens_per_step * steps_since_log / (now - t_log)
                     train_loss = loss_sum.item()
+                    eta = (now - t_start) / steps_run * (cfg.max_steps - step)
                     record = {
                         "step": step,
                         "loss": train_loss,
-                        "lr": lr,
+                        "lr": cfg.lr * lr_mult,
+                        **({"muon_lr": cfg.muon_lr * lr_mult} if cfg.optimizer == "muon" else {}),
                         "tokens_per_s": rate,
                         "grad_norm": norm.item(),
                         "time": time.time(),
-                        "eta_s": (now - t_start) / steps_run * (cfg.max_steps - step),
+                        "eta_s": min(eta, max(budget_s - elapsed(), 0.0)) if budget_s else eta,
                     }
                     if peak:
                         record["mfu"] = flops * rate / (peak * d.world_size)
@@ -539,8 +541,9 @@ def _train(
                     emit({"kind": "eval", "step": step, "train_loss": train_eval, "val_loss": val_loss})
                     t_log = time.perf_counter()  # evaluation time is not training throughput
 
-                time_up = cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes
-                interrupted, time_up = _any([interrupt.requested, time_up], d, device)
+                flags = _max_over_ranks([float(interrupt.requested), elapsed()], d, device)
+                interrupted, used = bool(flags[0]), flags[1]
+                time_up = budget_s > 0 and used >= budget_s
                 if interrupted:
                     break
                 if time_up and step < cfg.max_steps:
@@ -551,6 +554,7 @@ def _train(
                 if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
                     checkpoint()
                     t_log = time.perf_counter()
+            trained_s = elapsed()
             if step != saved_step:
                 checkpoint()
         final_dir = None
@@ -575,6 +579,7 @@ def _train(
         val_loss=val_loss,
         best_val_loss=best_val,
         tokens_per_s=rate,
+        elapsed_s=trained_s,
     )
 
 
@@ -625,15 +630,15 @@ def _all_reduce_mean(t: torch.Tensor, d: Dist) -> None:
     t /= d.world_size
 
 
-def _any(flags: list[bool], d: Dist, device: torch.device) -> list[bool]:
-    """Each flag true on every rank when it is true on any (so all ranks stop at the same step)."""
+def _max_over_ranks(values: list[float], d: Dist, device: torch.device) -> list[float]:
+    """Each value's maximum over the ranks, so all ranks stop at the same step with the same lr."""
     if not d.enabled:
-        return flags
+        return values
     import torch.distributed as dist
 
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    t = torch.tensor(values, device=device, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    return t.tolist()
 
 
 def _barrier(d: Dist) -> None:

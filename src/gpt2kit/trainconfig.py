@@ -31,6 +31,10 @@ else:  # the same parser, as a package (a dependency on Python 3.10)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARALLEL = ("ddp", "fsdp")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+SCHEDULE_ALIASES = {"trapezoidal": "wsd"}  # the other name of warmup-stable-decay
+MUON_ADJUST_LR = ("original", "match_rms_adamw")
 
 
 @dataclass
@@ -54,13 +58,23 @@ class TrainConfig:
     batch_size: int = 12  # sequences per micro-step per process
     grad_accum: int = 1  # micro-steps per optimizer step, summed over all processes
     max_steps: int = 2000
-    max_minutes: float = 0.0  # stop early (checkpoint + final model) after this much training; 0: no limit
-    lr: float = 6e-4
+    max_minutes: float = 0.0  # a time budget: the schedule ends when it does (or at max_steps); 0: none
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' matrices, AdamW for the rest
+    lr: float = 6e-4  # AdamW's peak lr (with optimizer="muon": of embeddings, LayerNorms, biases)
+    schedule: str = "cosine"  # after warmup: "cosine" to min_lr, or "wsd": constant, then linear to 0
     min_lr: float = -1.0  # end of the cosine decay; negative means lr / 10
     warmup_steps: int = 100
+    decay_fraction: float = 0.4  # wsd: the last fraction of the budget spent decaying to 0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    # Muon (optimizer="muon"): torch.optim.Muon on the blocks' c_attn, c_proj, c_fc weights
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_weight_decay: float = 0.0  # decoupled: each step multiplies the weights by 1 - muon_lr * this
+    muon_adjust_lr_fn: str = "original"  # "original": lr x sqrt(max(1, rows/cols)); or "match_rms_adamw"
     grad_clip: float = 1.0  # 0 disables clipping
     skip_nonfinite: bool = False  # skip steps with a NaN/inf loss instead of stopping
     # evaluation, logging, checkpoints
@@ -72,12 +86,13 @@ class TrainConfig:
     # system
     seed: int = 1337
     device: str = "auto"
-    dtype: str = "auto"  # auto: bfloat16 autocast on GPUs that support it, else float32
+    dtype: str = "auto"  # auto: bfloat16 autocast on GPUs and CPUs with native bf16, else float32
     compile: bool = False
     parallel: str = "ddp"  # with several processes: "ddp" (replicas) or "fsdp" (sharded)
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
 
     def __post_init__(self) -> None:
+        self.schedule = SCHEDULE_ALIASES.get(self.schedule, self.schedule)
         self.validate()
 
     # --- loading and saving ---------------------------------------------------------------
@@ -138,19 +153,26 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        for key in ("lr", "weight_decay", "grad_clip"):
+        for key in ("lr", "muon_lr", "weight_decay", "muon_weight_decay", "grad_clip"):
             value = getattr(self, key)
-            if not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+            strict = key in ("lr", "muon_lr")
+            if not math.isfinite(value) or value < 0 or (strict and value == 0):
                 raise ConfigError(
-                    f"{key} must be a finite number {'> 0' if key == 'lr' else '>= 0'}, got {value!r}"
+                    f"{key} must be a finite number {'> 0' if strict else '>= 0'}, got {value!r}"
                 )
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
+        if not 1 <= self.muon_ns_steps < 100:
+            raise ConfigError(f"muon_ns_steps must be an integer from 1 to 99, got {self.muon_ns_steps!r}")
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr}); negative means lr / 10")
-        for key in ("beta1", "beta2", "dropout"):
+        for key in ("beta1", "beta2", "dropout", "muon_momentum"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{key} must be in [0, 1), got {value!r}")
-        for key, allowed in (("device", DEVICES), ("dtype", DTYPES), ("parallel", PARALLEL)):
+        choices = [("device", DEVICES), ("dtype", DTYPES), ("parallel", PARALLEL), ("optimizer", OPTIMIZERS)]
+        choices += [("schedule", SCHEDULES), ("muon_adjust_lr_fn", MUON_ADJUST_LR)]
+        for key, allowed in choices:
             value = getattr(self, key)
             if value not in allowed and not (key == "device" and value.startswith(("cuda:", "mps:"))):
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")

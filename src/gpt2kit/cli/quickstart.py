@@ -68,5 +68,9 @@ def run(args: argparse.Namespace) -> int:
     print("continue with:")
     print(f"  gpt2kit generate --model {result.final_dir} --prompt 'ROMEO:' --top-k 40 --temperature 0.8")
     print(f"  gpt2kit serve --model {result.final_dir}")
-    print(f"  gpt2kit train --resume {result.run_dir} --set max_steps={2 * result.steps}   # train longer")
+    cfg = result.config
+    longer = f"--set max_steps={2 * cfg.max_steps}"
+    if cfg.max_minutes:  # the run's clock continues: a longer budget, and room for the steps
+        longer = f"--set max_minutes={2 * cfg.max_minutes:g} {longer}"
+    print(f"  gpt2kit train --resume {result.run_dir} {longer}   # train as long again")
     return 0

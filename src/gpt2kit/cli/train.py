@@ -16,10 +16,14 @@ EXAMPLE = """examples:
   torchrun --nproc_per_node 2 -m gpt2kit train --data data/shakespeare --out runs/ddp --set grad_accum=2
   torchrun --nproc_per_node 8 -m gpt2kit train --data data/owt --out runs/xl --set parallel=fsdp --set init_from=scratch:gpt2-xl
 
+  gpt2kit train --data data/shakespeare --out runs/m --set optimizer=muon --set schedule=wsd --set max_minutes=5
+
 keys (--set key=value, or in the TOML file): see docs/training.md; e.g. n_layer n_head n_embd
-block_size dropout batch_size grad_accum max_steps lr min_lr warmup_steps weight_decay grad_clip
-eval_interval eval_iters log_interval ckpt_interval keep_last seed device dtype compile init_from
-skip_nonfinite parallel threads
+block_size dropout batch_size grad_accum max_steps max_minutes optimizer lr schedule min_lr
+warmup_steps decay_fraction weight_decay beta1 beta2 muon_lr muon_momentum muon_nesterov
+muon_ns_steps muon_weight_decay muon_adjust_lr_fn grad_clip eval_interval eval_iters
+log_interval ckpt_interval keep_last seed device dtype compile init_from skip_nonfinite parallel
+threads
 """
 
 # Plain flags for the most used keys: flag name -> config key.
@@ -117,7 +121,8 @@ class Progress:
         if kind == "start":
             print(
                 f"training {e['parameters']:,} parameters on {e['device']} x{e['world_size']}, "
-                f"{e['tokens_per_step']:,} tokens/step, steps {e['step']}..{e['max_steps']}",
+                f"{e['tokens_per_step']:,} tokens/step, steps {e['step']}..{e['max_steps']}"
+                + (f" or {e['max_minutes']:g} min" if e.get("max_minutes") else ""),
                 file=sys.stderr,
             )
             if self.enabled:
