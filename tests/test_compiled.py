@@ -21,7 +21,15 @@ import torch
 
 from conftest import tiny_model
 from gpt2kit import generate, stepcache
-from gpt2kit.compiled import LENGTH_BUCKET, CompiledStep, compiled_step, missing_toolchain
+from gpt2kit.compiled import (
+    LENGTH_BUCKET,
+    CompiledStep,
+    TieredStep,
+    compiled_step,
+    decode_step,
+    missing_toolchain,
+)
+from gpt2kit.engine import SlotCache
 from gpt2kit.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(
@@ -330,6 +338,24 @@ def test_compiled_greedy_equals_transformers(built, model, monkeypatch, tmp_path
                 do_sample=False, pad_token_id=0,
             )  # fmt: skip
         assert got == want[0].tolist()
+
+
+def test_a_lone_row_decodes_on_the_one_row_step(built, model, monkeypatch) -> None:
+    """decode_step gives the engine a TieredStep (building the one-row step if no test saved
+    it yet): one running row runs on it, more on the 4-slot step, all as eager decoding."""
+    monkeypatch.setenv("GPT2KIT_CACHE_DIR", str(built["cache"]))
+    tiered = decode_step(model, slots=SLOTS, max_len=MAX_LEN, build=True)
+    assert isinstance(tiered, TieredStep) and (tiered.one.slots, tiered.many.slots) == (1, SLOTS)
+    caches = [SlotCache(model, slots=SLOTS, max_len=MAX_LEN, step=s) for s in (tiered, None)]
+    out = []
+    with torch.inference_mode():
+        for cache in caches:
+            _, first = cache.prefill(0, PROMPTS[:2])
+            both = cache.decode([3, 4], [len(PROMPTS[0]), len(PROMPTS[1])])
+            lone = cache.decode([5], [len(PROMPTS[0]) + 1])  # row 0 alone, in slot 0
+            out.append((first, both, lone))
+    for got, want in zip(*out, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_strided_token_and_position_views(built, model) -> None:

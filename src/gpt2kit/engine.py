@@ -32,7 +32,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from gpt2kit.compiled import compiled_step
+from gpt2kit.compiled import decode_step
 from gpt2kit.errors import ConfigError
 from gpt2kit.model import GPT2, use_decode_layout
 from gpt2kit.processors import History, next_tokens
@@ -473,4 +473,4 @@ def step_for(model: GPT2, *, slots: int, max_len: int, compile: bool | None) -> 
     none), or None for the eager step."""
     if compile is False:
         return None
-    return compiled_step(model, slots=slots, max_len=max_len, build=compile is True)
+    return decode_step(model, slots=slots, max_len=max_len, build=compile is True)

@@ -208,13 +208,13 @@ def steps_folder(root: Path | None = None) -> Path:
     return (root if root is not None else cache_dir()) / "compiled"
 
 
-def find(folder: Path, key: str, slots: int) -> Entry | None:
-    """The saved step with the fewest slots >= `slots` whose file checks out; others with
-    damaged files are removed on the way."""
+def find(folder: Path, key: str, slots: int, *, exact: bool = False) -> Entry | None:
+    """The saved step with the fewest slots >= `slots` (with `exact`: == `slots`) whose file
+    checks out; others with damaged files are removed on the way."""
     candidates = []
     for record in folder.glob(f"{key}-s*.json"):
         suffix = record.stem[len(key) + 2 :]
-        if suffix.isdigit() and int(suffix) >= slots:
+        if suffix.isdigit() and (int(suffix) == slots if exact else int(suffix) >= slots):
             candidates.append(Entry(folder, key, int(suffix)))
     for entry in sorted(candidates, key=lambda e: e.slots):
         if check(entry):

@@ -244,18 +244,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def prepare_compiled_step(model, *, rows: int):
-    """Build (first time, with progress on stderr) or load the compiled step for `rows` rows;
-    `generate`/`complete` then find it loaded. A failed build is a one-line ConfigError."""
+    """Build (first time, with progress on stderr) or load the compiled step for `rows` rows
+    (and for more than one, the one-row step a lone row decodes with: `compiled.decode_step`);
+    `generate`/`complete` then find them loaded. A failed build is a one-line ConfigError."""
     import logging
 
     from gpt2kit.cli._progress import Ticker
-    from gpt2kit.compiled import compiled_step
+    from gpt2kit.compiled import decode_step
 
     log = logging.getLogger("gpt2kit.compiled")
     if not log.isEnabledFor(logging.DEBUG):  # the Ticker shows the phases; --verbose shows both
         log.setLevel(logging.WARNING)
     with Ticker("compiled step") as tick:
-        return compiled_step(model, slots=rows, max_len=model.config.n_positions, build=True, progress=tick)
+        return decode_step(model, slots=rows, max_len=model.config.n_positions, build=True, progress=tick)
 
 
 def stream_completion(model, tokenizer, prompt: str, config, args: argparse.Namespace) -> tuple[int, float]:
