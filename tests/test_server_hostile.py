@@ -205,8 +205,10 @@ def test_huge_declared_body_is_refused_without_reading_it(server) -> None:
     """Past the drain bound the server answers at once; it never reads a 10 GB body."""
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
+        # Headers only: the 413 must come without the body. (Bytes sent after it would sit
+        # unread when the server closes, and the kernel's reset could then eat the answer:
+        # docs/serving.md says so.)
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000000\r\n\r\n")
-        sock.sendall(b"a" * 100_000)
         received = b""
         while chunk := sock.recv(65536):
             received += chunk
