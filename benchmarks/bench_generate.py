@@ -9,7 +9,8 @@ step. Decode tokens/s = rows x (new - 1) / (time of a `new`-token run - time of 
 run): the prefill cancels out. Systems run interleaved, `--repeats` rounds, after one
 warm-up each, so all see the same machine load; best and median are printed.
 
-gpt2kit's options: fp32 / bf16 / int8 weights (`GPT2.from_pretrained(dtype=, quantize=)`),
+gpt2kit's options: fp32 / bf16 / int8 weights with fp32 or bf16 activations
+(`GPT2.from_pretrained(dtype=, quantize="int8")`, which picks its scheme for the CPU),
 each eager and with the compiled step (`gpt2kit.compiled`, built once and saved; its build
 or load time is printed apart). "default" is `generate()` with no options: eager when no
 compiled step is saved, the saved step when there is one.
@@ -46,6 +47,7 @@ OPTIONS = [
     "bf16-compiled",
     "int8-eager",
     "int8-compiled",
+    "int8bf16-compiled",  # int8 weights, bf16 activations: what --quantize int8 picks with native bf16
 ]
 
 
@@ -117,8 +119,11 @@ def gpt2kit_system(path: Path, option: str, ids: torch.Tensor) -> tuple[Callable
     from gpt2kit.compiled import compiled_step
 
     precision, mode = ("fp32", "default") if option == "default" else option.split("-")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": None}[precision]
-    model = GPT2.from_pretrained(path, dtype=dtype, quantize="int8" if precision == "int8" else None).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": None, "int8bf16": torch.bfloat16}[
+        precision
+    ]
+    quantize = "int8" if precision.startswith("int8") else None
+    model = GPT2.from_pretrained(path, dtype=dtype, quantize=quantize).eval()
     note = ""
     compile: bool | None = False
     if mode == "compiled":
