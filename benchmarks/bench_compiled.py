@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench_generate import cpu_name
+from bench_generate import cpu_name, decode_rate, transformers_system
 
 # Run in a fresh process: the same random model, its step from the cache, one step.
 CHILD = """
@@ -125,11 +125,6 @@ def speed(args: argparse.Namespace) -> None:
     model = GPT2.from_pretrained(args.cache_dir / "model", dtype=dtype)
     step = compiled_step(model, slots=args.slots, max_len=args.max_len, build=False, cache_dir=args.cache_dir)
     assert step is not None
-    hf = None
-    if not args.no_hf:
-        import transformers
-
-        hf = transformers.GPT2LMHeadModel.from_pretrained(args.cache_dir / "model", dtype=dtype).eval()
     cfg = model.config
     for b in args.batch:
         shape = (b, cfg.n_head, args.max_len, cfg.head_size)
@@ -154,24 +149,10 @@ def speed(args: argparse.Namespace) -> None:
 
         ids = torch.randint(0, cfg.vocab_size, (b, args.prompt), generator=torch.Generator().manual_seed(2))
 
-        def hf_run(ids=ids) -> float:
-            def once(n: int) -> float:
-                t0 = time.perf_counter()
-                hf.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=n,
-                    min_new_tokens=n,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-                return time.perf_counter() - t0
-
-            return (args.new - 1) * ids.shape[0] / (once(args.new) - once(1))
-
         runs = {"compiled": compiled_run, "eager": eager_run}
-        if hf is not None:
-            runs["transformers"] = hf_run
+        if not args.no_hf:
+            hf = transformers_system(args.cache_dir / "model", ids, dtype=dtype)
+            runs["transformers"] = lambda hf=hf, b=b: decode_rate(hf, new=args.new, rows=b)
         rates: dict[str, list[float]] = {name: [] for name in runs}
         with torch.inference_mode():
             for run in runs.values():

@@ -144,10 +144,10 @@ def gpt2kit_system(path: Path, option: str, ids: torch.Tensor) -> tuple[Callable
     return run, note
 
 
-def transformers_system(path: Path, ids: torch.Tensor) -> Callable[[int], None]:
+def transformers_system(path: Path, ids: torch.Tensor, *, dtype=torch.float32) -> Callable[[int], None]:
     import transformers
 
-    hf = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path, dtype=dtype).eval()
 
     def run(n: int) -> None:
         with torch.inference_mode():

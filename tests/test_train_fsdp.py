@@ -111,14 +111,20 @@ def test_fsdp_final_model_loads(fsdp_run: Path) -> None:
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
 
 
-def test_fsdp_resume_is_bit_identical(fsdp_run: Path, tmp_path: Path) -> None:
-    # The state of the FSDP run just after its step-3 checkpoint: drop what came later.
+def resume_from_step_3(run: Path, tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """A copy of `run` as it was just after its step-3 checkpoint (what came later dropped),
+    resumed to the end under torchrun."""
     part = tmp_path / "part"
-    shutil.copytree(fsdp_run, part)
+    shutil.copytree(run, part)
     shutil.rmtree(part / "ckpt-000006")
     shutil.rmtree(part / "final")
     proc = torchrun("train", "--resume", str(part), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return part, proc
+
+
+def test_fsdp_resume_is_bit_identical(fsdp_run: Path, tmp_path: Path) -> None:
+    part, proc = resume_from_step_3(fsdp_run, tmp_path)
     assert f"resuming from {part / 'ckpt-000003'} (step 3)" in proc.stderr
     full = (fsdp_run / "final" / "model.safetensors").read_bytes()
     assert (part / "final" / "model.safetensors").read_bytes() == full
@@ -163,12 +169,7 @@ def test_fsdp_muon_matches_one_process(data_dir: Path, fsdp_muon_run: Path, tmp_
 
 
 def test_fsdp_muon_resume_is_bit_identical(fsdp_muon_run: Path, tmp_path: Path) -> None:
-    part = tmp_path / "part"
-    shutil.copytree(fsdp_muon_run, part)
-    shutil.rmtree(part / "ckpt-000006")
-    shutil.rmtree(part / "final")
-    proc = torchrun("train", "--resume", str(part), "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    part, _ = resume_from_step_3(fsdp_muon_run, tmp_path)
     full = (fsdp_muon_run / "final" / "model.safetensors").read_bytes()
     assert (part / "final" / "model.safetensors").read_bytes() == full
 
