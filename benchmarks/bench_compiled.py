@@ -1,4 +1,4 @@
-"""The compiled decode step (`gpt2kit.compiled`): build time, load time in a fresh process,
+"""The compiled decode step (`gpt2kit.model.compiled`): build time, load time in a fresh process,
 and decode speed against eager `decode_step` and `transformers`, on a random GPT-2 124M.
 
 1. build: a fresh process builds the step into an empty cache folder (`--cache-dir`, a new
@@ -38,7 +38,7 @@ import json, sys, time
 start = time.perf_counter()
 import torch
 from gpt2kit import GPT2
-from gpt2kit.compiled import compiled_step
+from gpt2kit.model.compiled import compiled_step
 torch.set_num_threads({threads})
 model = GPT2.from_pretrained("{model_dir}", dtype=getattr(torch, "{dtype}"))
 ready = time.perf_counter()
@@ -119,7 +119,7 @@ def main() -> None:
 
 def speed(args: argparse.Namespace) -> None:
     from gpt2kit import GPT2
-    from gpt2kit.compiled import compiled_step
+    from gpt2kit.model.compiled import compiled_step
 
     dtype = getattr(torch, args.dtype)
     model = GPT2.from_pretrained(args.cache_dir / "model", dtype=dtype)

@@ -11,7 +11,7 @@ warm-up each, so all see the same machine load; best and median are printed.
 
 gpt2kit's options: fp32 / bf16 / int8 weights with fp32 or bf16 activations
 (`GPT2.from_pretrained(dtype=, quantize="int8")`, which picks its scheme for the CPU),
-each eager and with the compiled step (`gpt2kit.compiled`, built once and saved; its build
+each eager and with the compiled step (`gpt2kit.model.compiled`, built once and saved; its build
 or load time is printed apart). "default" is `generate()` with no options: eager when no
 compiled step is saved, the saved step when there is one.
 
@@ -116,7 +116,7 @@ def decode_rate(fn: Callable[[int], None], *, new: int, rows: int) -> float:
 def gpt2kit_system(path: Path, option: str, ids: torch.Tensor) -> tuple[Callable[[int], None], str]:
     """A run function for one gpt2kit option, and a note (compiled step build/load time)."""
     from gpt2kit import GPT2, generate
-    from gpt2kit.compiled import compiled_step
+    from gpt2kit.model.compiled import compiled_step
 
     precision, mode = ("fp32", "default") if option == "default" else option.split("-")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": None, "int8bf16": torch.bfloat16}[

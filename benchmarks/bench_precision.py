@@ -3,7 +3,7 @@
 Speed (the default): GPT-2 124M with random weights (transformers' default GPT2Config, saved
 with `save_pretrained` and loaded back by gpt2kit in each precision). gpt2kit's one-token step
 `GPT2.decode_step` runs eager and compiled (torch.compile with freezing, max_autotune and the
-CPP GEMM backend, as gpt2kit.compiled does) over a static cache of --cache positions; the peer
+CPP GEMM backend, as gpt2kit.model.compiled does) over a static cache of --cache positions; the peer
 is transformers' one-token forward with its KV cache holding --cache positions (the cache is
 cropped back after each step, so every step sees the same length). All runs live in one
 process and are timed interleaved, --repeats rounds of --steps steps each: the best and the
@@ -111,7 +111,7 @@ class PeerStep:
 
 
 def speed(args: argparse.Namespace) -> None:
-    from gpt2kit.checkpoint import load_model
+    from gpt2kit.model import GPT2
 
     torch._dynamo.config.recompile_limit = 64  # one compiled decode_step per model and batch size
     print(machine())
@@ -125,7 +125,7 @@ def speed(args: argparse.Namespace) -> None:
             runs[f"transformers float32 B={batch}"] = PeerStep(hf, batch=batch, length=args.cache // 2)
         for name in args.only:
             dtype, scheme = PRECISIONS[name]
-            model = load_model(d, dtype=dtype, quantize=scheme)
+            model = GPT2.from_pretrained(d, dtype=dtype, quantize=scheme)
             for batch in args.batch:
                 for compiled in (False, True):
                     key = f"gpt2kit {name} {'compiled' if compiled else 'eager'} B={batch}"
@@ -159,11 +159,11 @@ def speed(args: argparse.Namespace) -> None:
 
 
 def quality(args: argparse.Namespace) -> None:
-    from gpt2kit.checkpoint import load_model
-    from gpt2kit.data import TokenData
+    from gpt2kit.data.shards import TokenData
     from gpt2kit.evals.perplexity import evaluate_perplexity
-    from gpt2kit.splitloss import split_loss
-    from gpt2kit.tokenizer import Tokenizer
+    from gpt2kit.evals.split_loss import split_loss
+    from gpt2kit.model import GPT2
+    from gpt2kit.tokenizer.tokenizer import Tokenizer
 
     print(machine())
     run = Path(args.quality)
@@ -175,7 +175,7 @@ def quality(args: argparse.Namespace) -> None:
     base = None
     for name in args.only:
         dtype, scheme = PRECISIONS[name]
-        model = load_model(final, dtype=dtype, quantize=scheme)
+        model = GPT2.from_pretrained(final, dtype=dtype, quantize=scheme)
         s = split_loss(model, data, "val", block_size=model.config.n_positions)
         ppl = math.exp(s["loss"])
         base = base or ppl
@@ -197,7 +197,7 @@ def quality(args: argparse.Namespace) -> None:
         random_gpt2(Path(d))
         for name in args.only:
             dtype, scheme = PRECISIONS[name]
-            model = load_model(d, dtype=dtype, quantize=scheme)
+            model = GPT2.from_pretrained(d, dtype=dtype, quantize=scheme)
             ppl = evaluate_perplexity(model, gpt2, text, stride=1024, batch_size=2)["perplexity"]
             base = base or ppl
             print(f"| {name} | {ppl:.2f} | {100 * (ppl / base - 1):+.3f}% |", flush=True)

@@ -9,14 +9,14 @@ for the time spent, and the time to reach a loss.
 - nanoGPT's recipe: its README's CPU run of config/train_shakespeare_char.py: AdamW, lr 1e-3
   with 100 warmup steps and a cosine to 1e-4, betas (0.9, 0.99), weight decay 0.1, clip 1.0,
   batch 12 x block 64, float32 (nanoGPT uses no autocast on CPU), no dropout, no compile.
-- gpt2kit's recipe: `gpt2kit.quickstart.quickstart_config` on this device, as `gpt2kit
+- gpt2kit's recipe: `gpt2kit.training.quickstart.quickstart_config` on this device, as `gpt2kit
   quickstart` trains.
 
-Both run in `gpt2kit.train.train` (the loop bench_train.py measured at 0.99x the nanoGPT loop's
+Both run in `gpt2kit.training.loop.train` (the loop bench_train.py measured at 0.99x the nanoGPT loop's
 step speed), so only the recipe differs, and both get the same kind of budget: `max_minutes`,
 which their schedules follow (nanoGPT's cosine then ends exactly when the time does, which its
 own max_iters could only approximate). Each final model is scored on the whole val split
-(bits per byte, gpt2kit.splitloss). Runs, one after the other:
+(bits per byte, gpt2kit.evals.split_loss). Runs, one after the other:
 
 1. nanoGPT's recipe for --minutes, then gpt2kit's for --minutes: val loss at equal wall time;
 2. gpt2kit's again with budgets of --fractions x --minutes: the wall time gpt2kit needs to
@@ -40,14 +40,14 @@ from pathlib import Path
 
 import torch
 
-from gpt2kit.checkpoint import load_model
-from gpt2kit.data import TokenData
+from gpt2kit.data.prepare import prepare
+from gpt2kit.data.shards import TokenData
 from gpt2kit.device import cpu_bf16, cpu_features
-from gpt2kit.prepare import prepare
-from gpt2kit.quickstart import TOKENIZER, VAL_FRACTION, quickstart_config
-from gpt2kit.splitloss import split_loss
-from gpt2kit.train import train
-from gpt2kit.trainconfig import TrainConfig
+from gpt2kit.evals.split_loss import split_loss
+from gpt2kit.model import GPT2
+from gpt2kit.training.config import TrainConfig
+from gpt2kit.training.loop import train
+from gpt2kit.training.quickstart import TOKENIZER, VAL_FRACTION, quickstart_config
 
 
 def cpu_description() -> str:
@@ -100,7 +100,7 @@ def run(cfg: TrainConfig, minutes: float, run_dir: Path, data: TokenData, *, ste
     result = train(cfg, run_dir, on_event=lambda e: records.append(e) if "tokens_per_s" in e else None)
     assert result.final_dir is not None
     scores = split_loss(
-        load_model(result.final_dir, device=cfg.device), data, "val", block_size=cfg.block_size
+        GPT2.from_pretrained(result.final_dir, device=cfg.device), data, "val", block_size=cfg.block_size
     )
     rates = sorted(r["tokens_per_s"] for r in records)
     return {

@@ -5,7 +5,7 @@ Both train the same GPT-2 shape with the same batch, block and fp32 on CPU (or t
 train.py inner loop, condensed: its model (Linear lm_head tied to wte, SDPA attention), its
 get_batch (a fresh np.memmap per batch, torch.stack of slices), its AdamW setup (decay
 groups, `fused` only on CUDA) and its step (forward, backward, clip 1.0, step, zero_grad).
-gpt2kit's figure comes from `gpt2kit.train.train` itself (metrics records, after warm-up).
+gpt2kit's figure comes from `gpt2kit.training.loop.train` itself (metrics records, after warm-up).
 
     python benchmarks/bench_train.py                      # the README's figures
     python benchmarks/bench_train.py --n-layer 4 --n-embd 256 --block 128 --batch 16 --repeats 3
@@ -30,10 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2kit.data import write_meta, write_shard
-from gpt2kit.tokenizer import Tokenizer, bytes_to_unicode
-from gpt2kit.train import train
-from gpt2kit.trainconfig import TrainConfig
+from gpt2kit.data.shards import write_meta, write_shard
+from gpt2kit.tokenizer.tokenizer import Tokenizer, bytes_to_unicode
+from gpt2kit.training.config import TrainConfig
+from gpt2kit.training.loop import train
 
 # --- nanoGPT (model.py), condensed ------------------------------------------------------------
 

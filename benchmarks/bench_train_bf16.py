@@ -1,6 +1,6 @@
 """bf16 autocast against float32 on this CPU: the loss-curve cost and the speed, same recipe, same steps.
 
-The quick start's CPU recipe (`gpt2kit.quickstart.quickstart_config`, its data: Shakespeare with
+The quick start's CPU recipe (`gpt2kit.training.quickstart.quickstart_config`, its data: Shakespeare with
 a 4096-token BPE) trains --steps optimizer steps twice from the same seed, once with
 `dtype = "float32"` and once with `dtype = "bfloat16"` (what `dtype = "auto"` picks on CPUs with
 AVX512-BF16 or AMX). Both see the same batches, so the loss per step compares directly
@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from bench_time_to_loss import cpu_description
-from gpt2kit.checkpoint import load_model
-from gpt2kit.data import TokenData
-from gpt2kit.prepare import prepare
-from gpt2kit.quickstart import TOKENIZER, VAL_FRACTION, quickstart_config
-from gpt2kit.splitloss import split_loss
-from gpt2kit.train import train
+from gpt2kit.data.prepare import prepare
+from gpt2kit.data.shards import TokenData
+from gpt2kit.evals.split_loss import split_loss
+from gpt2kit.model import GPT2
+from gpt2kit.training.loop import train
+from gpt2kit.training.quickstart import TOKENIZER, VAL_FRACTION, quickstart_config
 
 LOG_EVERY = 10
 
@@ -39,7 +39,7 @@ def run(dtype: str, data_dir: Path, data: TokenData, steps: int, run_dir: Path) 
     records: list[dict] = []
     result = train(cfg, run_dir, on_event=lambda e: records.append(e) if "tokens_per_s" in e else None)
     assert result.final_dir is not None
-    scores = split_loss(load_model(result.final_dir), data, "val", block_size=cfg.block_size)
+    scores = split_loss(GPT2.from_pretrained(result.final_dir), data, "val", block_size=cfg.block_size)
     rates = sorted(r["tokens_per_s"] for r in records[1:])  # the first interval includes start-up
     return {
         "dtype": dtype,

@@ -1,7 +1,7 @@
 """Screen changes to the quick start's CPU recipe: val bits/byte after the same short time budget.
 
 Each variant is a JSON object of TrainConfig keys applied on top of the recipe
-(`gpt2kit.quickstart.quickstart_config`); `{"nanogpt": true, ...}` starts from
+(`gpt2kit.training.quickstart.quickstart_config`); `{"nanogpt": true, ...}` starts from
 bench_time_to_loss.py's nanoGPT recipe instead. Every variant trains for --minutes (the
 schedule follows the clock) on the quick start's data and is scored on the whole val split,
 one after the other, so compare variants of one invocation only (the machine's load moves
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from bench_time_to_loss import cpu_description, nanogpt_recipe, run
-from gpt2kit.data import TokenData
-from gpt2kit.prepare import prepare
-from gpt2kit.quickstart import TOKENIZER, VAL_FRACTION, quickstart_config
+from gpt2kit.data.prepare import prepare
+from gpt2kit.data.shards import TokenData
+from gpt2kit.training.quickstart import TOKENIZER, VAL_FRACTION, quickstart_config
 
 
 def main() -> None:

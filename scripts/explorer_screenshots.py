@@ -3,7 +3,7 @@
     gpt2kit serve --model runs/quickstart/final --port 8765 &
     .venv/bin/python scripts/explorer_screenshots.py --url http://127.0.0.1:8765 --out docs/img
 
-Drives Debian's Chromium (/usr/bin/chromium) with Playwright, as tests/test_explorer_browser.py
+Drives Debian's Chromium (/usr/bin/chromium) with Playwright, as tests/server/test_explorer_browser.py
 does, and stops with an error if the page logs one.
 """
 

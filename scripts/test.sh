@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs everything, lints, runs pytest.
-# Extra arguments go to pytest (e.g. scripts/test.sh -m slow, scripts/test.sh tests/test_model.py).
+# Extra arguments go to pytest (e.g. scripts/test.sh -m slow, scripts/test.sh tests/model/test_model.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh dev

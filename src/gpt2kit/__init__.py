@@ -1,15 +1,21 @@
-"""gpt2kit: GPT-2 exactly: tokenizer, model, checkpoints, training, generation, serving."""
+"""gpt2kit: GPT-2 exactly: tokenizer, model, checkpoints, training, generation, serving.
 
-from gpt2kit.beam import beam_search
-from gpt2kit.completion import Completion, CompletionChunk, complete
-from gpt2kit.config import GPT2Config
+The packages, and which way imports flow, are described in docs/architecture.md.
+"""
+
+from gpt2kit._version import __version__
 from gpt2kit.errors import Gpt2kitError
-from gpt2kit.generate import generate
-from gpt2kit.model import GPT2
-from gpt2kit.sampling import SamplingConfig
+from gpt2kit.generation import (
+    Completion,
+    CompletionChunk,
+    SamplingConfig,
+    beam_search,
+    complete,
+    generate,
+)
+from gpt2kit.model import GPT2, GPT2Config
 from gpt2kit.tokenizer import Tokenizer
-
-__version__ = "0.1.0"
+from gpt2kit.training import TrainConfig, train
 
 __all__ = [
     "GPT2",
@@ -19,8 +25,10 @@ __all__ = [
     "Gpt2kitError",
     "SamplingConfig",
     "Tokenizer",
+    "TrainConfig",
     "__version__",
     "beam_search",
     "complete",
     "generate",
+    "train",
 ]

@@ -24,7 +24,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gpt2kit import __version__
+    from gpt2kit._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="gpt2kit",

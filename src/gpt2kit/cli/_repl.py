@@ -44,7 +44,7 @@ def readline_history(path: Path) -> Iterator[None]:
 
 def prompt_loop(model, tokenizer, config, args: argparse.Namespace) -> int:
     """Read prompts until EOF; stream each continuation with `config` (a SamplingConfig)."""
-    from gpt2kit.cli.generate import encode_prompt, stream_completion
+    from gpt2kit.cli._stream import encode_prompt, stream_completion
     from gpt2kit.errors import Gpt2kitError
 
     out = sys.stdout

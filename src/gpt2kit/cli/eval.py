@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # only for annotations: `gpt2kit --help` must not import torch
     from gpt2kit.evals.tasks import Task
-    from gpt2kit.model import GPT2
-    from gpt2kit.tokenizer import Tokenizer
+    from gpt2kit.model.gpt2 import GPT2
+    from gpt2kit.tokenizer.tokenizer import Tokenizer
 
 TASKS = ("perplexity", "lambada", "multiple-choice", "generate")
 
@@ -28,7 +28,7 @@ multiple_choice_sample.jsonl, qa_sample.jsonl, translate_sample.jsonl
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
-    from gpt2kit.cli._model import add_flags
+    from gpt2kit.cli._common import add_flags
 
     p = sub.add_parser(
         "eval",
@@ -98,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
     import contextlib
     import sys
 
-    from gpt2kit.checkpoint import load_tokenizer
-    from gpt2kit.cli._model import load
+    from gpt2kit.cli._common import load
     from gpt2kit.evals import report
+    from gpt2kit.model.checkpoint import load_tokenizer
 
     # Everything the flags and the data file alone can tell is checked before the model
     # loads (which can take minutes), so a typo costs nothing.
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
 def check_flags(args: argparse.Namespace) -> None:
     """Bounds of the numeric flags, and no flag the chosen task would silently ignore."""
     from gpt2kit.errors import ConfigError
-    from gpt2kit.sampling import SamplingConfig, SamplingError
+    from gpt2kit.generation.config import SamplingConfig, SamplingError
 
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),

@@ -8,6 +8,8 @@ import re
 import sys
 import time
 
+from gpt2kit.cli._stream import encode_prompt, stream_completion
+
 EXAMPLE = r"""examples:
   gpt2kit generate --model gpt2 --prompt "The meaning of life is" --max-new-tokens 40 --seed 1
   gpt2kit generate --model runs/shakespeare/final --prompt "ROMEO:" --top-k 40 --temperature 0.8
@@ -25,7 +27,7 @@ EXAMPLE = r"""examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
-    from gpt2kit.cli._model import add_flags
+    from gpt2kit.cli._common import add_flags
 
     p = sub.add_parser(
         "generate",
@@ -129,7 +131,7 @@ FLAGS = {"n": "--n", "logit_bias": "--logit-bias", "stop": "--stop"}
 def sampling_config(args: argparse.Namespace):
     """The sampling flags as one SamplingConfig; its errors name the flag (ConfigError)."""
     from gpt2kit.errors import ConfigError
-    from gpt2kit.sampling import SamplingConfig, SamplingError
+    from gpt2kit.generation.config import SamplingConfig, SamplingError
 
     options = {
         name: getattr(args, name)
@@ -159,7 +161,7 @@ def sampling_config(args: argparse.Namespace):
 
 
 def _logit_bias(items: list[str]) -> dict[int, float]:
-    from gpt2kit.sampling import SamplingError
+    from gpt2kit.generation.config import SamplingError
 
     bias = {}
     for item in items:
@@ -176,8 +178,8 @@ def _logit_bias(items: list[str]) -> dict[int, float]:
 def check_args(args: argparse.Namespace):
     """Every flag and combination of flags, before anything loads or prints (ConfigError);
     returns the SamplingConfig."""
-    from gpt2kit.beam import check_length_penalty
     from gpt2kit.errors import ConfigError
+    from gpt2kit.generation.beam import check_length_penalty
 
     if args.stop:
         args.stop = [unescape(s) for s in args.stop]
@@ -203,27 +205,10 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise ConfigError(f"--interactive streams one sample per prompt; drop {flag} or --interactive")
 
 
-def encode_prompt(tokenizer, prompt: str, *, allow_special: bool) -> list[int]:
-    """The prompt's ids; a special token written in it is an error naming --allow-special."""
-    from gpt2kit.errors import ConfigError
-
-    if not prompt:
-        return []
-    if allow_special:
-        return tokenizer.encode(prompt, allowed_special="all")
-    found = next((s for s in tokenizer.special_tokens if s in prompt), None)
-    if found is not None:
-        raise ConfigError(
-            f"the prompt contains the special token {found}; add --allow-special to encode it as "
-            "that token, or remove it from the prompt"
-        )
-    return tokenizer.encode(prompt)
-
-
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit.checkpoint import load_tokenizer
-    from gpt2kit.cli._model import load
+    from gpt2kit.cli._common import load
     from gpt2kit.device import pick_device
+    from gpt2kit.model.checkpoint import load_tokenizer
 
     config = check_args(args)
     pick_device(args.device)  # a bad --device fails before the tokenizer loads
@@ -250,45 +235,13 @@ def prepare_compiled_step(model, *, rows: int):
     import logging
 
     from gpt2kit.cli._progress import Ticker
-    from gpt2kit.compiled import decode_step
+    from gpt2kit.model.compiled import decode_step
 
-    log = logging.getLogger("gpt2kit.compiled")
+    log = logging.getLogger("gpt2kit.model.compiled")
     if not log.isEnabledFor(logging.DEBUG):  # the Ticker shows the phases; --verbose shows both
         log.setLevel(logging.WARNING)
     with Ticker("compiled step") as tick:
         return decode_step(model, slots=rows, max_len=model.config.n_positions, build=True, progress=tick)
-
-
-def stream_completion(model, tokenizer, prompt: str, config, args: argparse.Namespace) -> tuple[int, float]:
-    """Write one sample to stdout piece by piece; returns (tokens, seconds after the first token)."""
-    from gpt2kit.completion import complete
-
-    out = sys.stdout
-    out.write(prompt)
-    out.flush()
-    tokens = 0
-    first: float | None = None
-    chunks = complete(
-        model,
-        tokenizer,
-        prompt,
-        config,
-        stream=True,
-        compile=args.compile,
-        allowed_special="all" if args.allow_special else frozenset(),
-    )
-    try:
-        for chunk in chunks:
-            tokens += len(chunk.token_ids)
-            if first is None and chunk.token_ids:
-                first = time.perf_counter()
-            out.write(chunk.text)
-            out.flush()
-    finally:
-        chunks.close()  # Ctrl-C in the REPL: stop decoding, free the engine
-        out.write("\n")
-        out.flush()
-    return tokens, (time.perf_counter() - first) if first is not None else 0.0
 
 
 def _stream(args: argparse.Namespace, config, model, tokenizer, device: str) -> int:
@@ -310,7 +263,7 @@ def _samples(args: argparse.Namespace, config, model, tokenizer, device: str) ->
 
     Sample j uses seed + j, as `complete` does, so sample 1 equals the streamed sample.
     """
-    from gpt2kit.completion import complete
+    from gpt2kit.generation.complete import complete
 
     t0 = time.perf_counter()
     done = complete(
@@ -356,9 +309,9 @@ def logprob_table(tokenizer, completion) -> str:
 
 def _beam(args: argparse.Namespace, config, model, tokenizer) -> int:
     """Beam search: the best beam is known only at the end, so print it whole."""
-    from gpt2kit.generate import generate
-    from gpt2kit.prompts import eos_id, fit_prompt
-    from gpt2kit.stopping import TextStream
+    from gpt2kit.generation.generate import generate
+    from gpt2kit.generation.prompts import eos_id, fit_prompt
+    from gpt2kit.generation.textstream import TextStream
 
     ids = encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)
     prompt = fit_prompt(model, ids, config.max_new_tokens)  # where the new tokens start

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit.lossplot import plot_run
+    from gpt2kit.training.plot import plot_run
 
     path = plot_run(args.run_dir, args.out, title=args.title)
     print(path)

@@ -24,7 +24,7 @@ See docs/data.md.
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
-    from gpt2kit.prepare import SEED, SHARD_TOKENS, VAL_FRACTION
+    from gpt2kit.data.prepare import SEED, SHARD_TOKENS, VAL_FRACTION
 
     p = sub.add_parser(
         "prepare",
@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit.prepare import prepare
+    from gpt2kit.data.prepare import prepare
 
     start = time.perf_counter()
     meta = prepare(

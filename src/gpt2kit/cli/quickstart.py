@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2kit.cli.train import Progress
-    from gpt2kit.quickstart import quickstart
+    from gpt2kit.training.quickstart import quickstart
 
     def stage(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

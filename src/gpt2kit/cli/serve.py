@@ -17,7 +17,7 @@ EXAMPLE = """examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
-    from gpt2kit.cli._model import add_flags
+    from gpt2kit.cli._common import add_flags
 
     p = sub.add_parser(
         "serve",
@@ -73,11 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gpt2kit.checkpoint import load_tokenizer
-    from gpt2kit.cli._model import load
+    from gpt2kit.cli._common import load
     from gpt2kit.errors import ConfigError
+    from gpt2kit.model.checkpoint import load_tokenizer
     from gpt2kit.server.app import create_app
-    from gpt2kit.server.completions import Limits
+    from gpt2kit.server.openai_completions import Limits
 
     for flag in ("max_batch_size", "max_pending", "max_n", "max_body_bytes"):
         if getattr(args, flag) < 1:

@@ -55,7 +55,7 @@ def read_text(file: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit.tokenizer import Tokenizer
+    from gpt2kit.tokenizer.tokenizer import Tokenizer
 
     text = args.text if args.text is not None else read_text(args.file)
     tok = Tokenizer.load(args.tokenizer)

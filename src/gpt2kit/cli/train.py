@@ -66,8 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2kit.errors import ConfigError
-    from gpt2kit.train import resume_config, train
-    from gpt2kit.trainconfig import TrainConfig
+    from gpt2kit.training.config import TrainConfig
+    from gpt2kit.training.loop import resume_config, train
 
     overrides = list(args.overrides)
     overrides += [f"{key}={_toml(getattr(args, key))}" for key in FLAGS if getattr(args, key) is not None]

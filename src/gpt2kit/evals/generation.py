@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gpt2kit.completion import complete
 from gpt2kit.evals.stats import with_stderr
 from gpt2kit.evals.tasks import Task, fewshot_prefix
-from gpt2kit.model import GPT2
-from gpt2kit.sampling import SamplingConfig
-from gpt2kit.tokenizer import Tokenizer
+from gpt2kit.generation.complete import complete
+from gpt2kit.generation.config import SamplingConfig
+from gpt2kit.model.gpt2 import GPT2
+from gpt2kit.tokenizer.tokenizer import Tokenizer
 
 
 def normalize(text: str) -> str:

@@ -22,8 +22,8 @@ from gpt2kit.errors import ConfigError
 from gpt2kit.evals.scoring import check_fits, score_continuations
 from gpt2kit.evals.stats import exp_nll, with_stderr
 from gpt2kit.evals.tasks import Task, fewshot_prefix
-from gpt2kit.model import GPT2
-from gpt2kit.tokenizer import Tokenizer
+from gpt2kit.model.gpt2 import GPT2
+from gpt2kit.tokenizer.tokenizer import Tokenizer
 
 TARGETS = ("word", "token")
 

@@ -18,8 +18,8 @@ from typing import Any
 from gpt2kit.evals.scoring import check_fits, score_choices
 from gpt2kit.evals.stats import with_stderr
 from gpt2kit.evals.tasks import Task, fewshot_prefix
-from gpt2kit.model import GPT2
-from gpt2kit.tokenizer import Tokenizer
+from gpt2kit.model.gpt2 import GPT2
+from gpt2kit.tokenizer.tokenizer import Tokenizer
 
 
 def evaluate_multiple_choice(

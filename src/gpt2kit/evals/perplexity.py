@@ -24,8 +24,8 @@ from typing import Any
 from gpt2kit.errors import ConfigError, DataError
 from gpt2kit.evals.scoring import score_continuations
 from gpt2kit.evals.stats import exp_nll
-from gpt2kit.model import GPT2
-from gpt2kit.tokenizer import Tokenizer
+from gpt2kit.model.gpt2 import GPT2
+from gpt2kit.tokenizer.tokenizer import Tokenizer
 
 
 def windows(n_tokens: int, *, context: int, stride: int) -> list[tuple[int, int, int]]:

@@ -38,7 +38,7 @@ def results_document(
     A metric named like one of the document's own keys (`task`, `items`, ...) stays only
     under `metrics`; no metric gpt2kit computes has such a name.
     """
-    from gpt2kit import __version__
+    from gpt2kit._version import __version__
 
     head = {"task": {"kind": kind, **task}, "metrics": metrics}
     rest = {

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from gpt2kit.errors import DataError
-from gpt2kit.model import GPT2, KVCache
+from gpt2kit.model.gpt2 import GPT2, KVCache
 
 # At most this many logits (rows x positions x vocab) exist at once: 2**25 floats, 128 MiB.
 LOGITS_BUDGET = 1 << 25

@@ -24,11 +24,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gpt2kit.engine import DecodeStep
 from gpt2kit.errors import TokenizerError
-from gpt2kit.model import GPT2
-from gpt2kit.server.completions import Context, Limits, complete, start_stream
+from gpt2kit.generation.engine import DecodeStep
+from gpt2kit.model.gpt2 import GPT2
 from gpt2kit.server.explorer_routes import explorer_router
+from gpt2kit.server.openai_completions import Context, Limits, run_completion, start_stream
 from gpt2kit.server.protocol import (
     APIError,
     CompletionRequest,
@@ -44,7 +44,7 @@ from gpt2kit.server.protocol import (
     TokenizerInfoResponse,
 )
 from gpt2kit.server.worker import Worker
-from gpt2kit.tokenizer import Tokenizer
+from gpt2kit.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def create_app(
 
     `max_pending` caps the requests queued or running (429 beyond), `max_batch_size` the
     rows decoded together (the engine's cache slots), `max_body_bytes` the request body (413
-    beyond), `step` the decode step (eager by default; `gpt2kit.compiled` builds compiled ones).
+    beyond), `step` the decode step (eager by default; `gpt2kit.model.compiled` builds compiled ones).
     """
     worker = Worker(
         model,
@@ -147,7 +147,7 @@ def create_app(
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await complete(body, ctx, request.is_disconnected)
+        return await run_completion(body, ctx, request.is_disconnected)
 
     app.include_router(explorer_router(model, tokenizer), dependencies=bearer, responses=ERRORS)
 
@@ -233,7 +233,7 @@ def _openapi_without_422(app: FastAPI) -> None:
 
 
 def _version() -> str:
-    from gpt2kit import __version__
+    from gpt2kit._version import __version__
 
     return __version__
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gpt2kit.model import GPT2
+from gpt2kit.model.gpt2 import GPT2
 from gpt2kit.server.explorer import embeddings, heads_qkv
 
 

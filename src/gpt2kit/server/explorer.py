@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gpt2kit.model import GPT2
-from gpt2kit.processors import History, next_tokens, reshape
-from gpt2kit.sampling import SamplingConfig, row_generator, uniforms
+from gpt2kit.generation.config import SamplingConfig, row_generator, uniforms
+from gpt2kit.generation.processors import History, next_tokens, reshape
+from gpt2kit.model.gpt2 import GPT2
 
 CHUNK = 128  # positions whose (CHUNK, vocab) logits are held at once
 

@@ -14,8 +14,8 @@ import math
 import torch
 from fastapi import APIRouter
 
-from gpt2kit.model import GPT2
-from gpt2kit.prompts import eos_id
+from gpt2kit.generation.prompts import eos_id
+from gpt2kit.model.gpt2 import GPT2
 from gpt2kit.server import explorer
 from gpt2kit.server.attribution import direct_logit_attribution
 from gpt2kit.server.explorer_protocol import (
@@ -43,7 +43,7 @@ from gpt2kit.server.explorer_protocol import (
     TokenInfo,
 )
 from gpt2kit.server.protocol import APIError
-from gpt2kit.tokenizer import Tokenizer
+from gpt2kit.tokenizer.tokenizer import Tokenizer
 
 
 def explorer_router(model: GPT2, tokenizer: Tokenizer) -> APIRouter:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from gpt2kit.sampling import SamplingConfig, SamplingError
+from gpt2kit.generation.config import SamplingConfig, SamplingError
 
 # Strict: "1" is not a number and true is not a token id; extra="forbid": a misspelt
 # option is an error rather than silently ignored.

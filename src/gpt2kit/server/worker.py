@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gpt2kit.engine import DecodeStep, Engine, Event, FinishEvent, Row
-from gpt2kit.model import GPT2
-from gpt2kit.sampling import SamplingConfig
+from gpt2kit.generation.config import SamplingConfig
+from gpt2kit.generation.engine import DecodeStep, Engine, Event, FinishEvent, Row
+from gpt2kit.model.gpt2 import GPT2
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,476 @@
+"""The one decoding engine: continuous batching over a fixed number of KV-cache slots.
+
+Every caller generates through it: `generate`, `complete` (and its streaming), the CLI, the
+eval generation tasks and `gpt2kit serve`; beam search uses its cache and step.
+
+- The cache is allocated once: per layer, keys and values of shape (slots, nh, max_len, hs).
+  A row (one prompt, one sample) owns one slot. Rows are kept packed in slots 0..n-1: a row
+  that leaves is replaced by the last one (one slot copy), so no tensor ever changes shape.
+- Every row is at its own position. A row that joins is prefilled into its slot from
+  position 0 (`GPT2.prefill`), then each step feeds one token per row at that row's own
+  position (`GPT2.decode_step`, or its compiled version: `gpt2kit.model.compiled`).
+- Each row samples with its own `SamplingConfig` and its own generator: one uniform number per
+  step, so a row's tokens depend only on its seed, never on the rows beside it.
+
+`step()` runs one round (admit waiting rows into free slots, choose one token for every row,
+run the model for the rows still going) and returns what happened as events.
+
+>>> engine = Engine(model, slots=4, eos_token_id=50256)  # doctest: +SKIP
+>>> row = engine.add([15496, 995], SamplingConfig(max_new_tokens=8, seed=0))  # doctest: +SKIP
+>>> while engine.busy: events = engine.step()  # doctest: +SKIP
+>>> row.tokens  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from gpt2kit.errors import ConfigError
+from gpt2kit.generation.config import SamplingConfig, row_generator, uniforms
+from gpt2kit.generation.processors import History, next_tokens
+from gpt2kit.model.compiled import decode_step
+from gpt2kit.model.gpt2 import GPT2, use_decode_layout
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+# Rows prefilled together hold at most this many (padded) prompt tokens: bounds the
+# activations of one prefill (its MLP holds 4 x n_embd floats per token).
+PREFILL_TOKENS = 8192
+# Eager steps attend over the positions in use, rounded up to this: fewer cache reads than
+# the whole max_len when rows are short, and few distinct shapes.
+LENGTH_BUCKET = 64
+
+
+class DecodeStep(Protocol):
+    """One token per row at its own position (see `GPT2.decode_step`), eager or compiled."""
+
+    slots: int | None  # the most rows one call takes (None: any)
+    max_len: int | None  # the cache length it needs (None: any)
+
+    def batch_size(self, n: int) -> int: ...
+
+    def __call__(
+        self, idx: Tensor, input_pos: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]
+    ) -> Tensor: ...
+
+
+class EagerStep:
+    """`GPT2.decode_step` as it is: any batch, any cache length."""
+
+    slots = None
+    max_len = None
+
+    def __init__(self, model: GPT2) -> None:
+        self.model = model
+
+    def batch_size(self, n: int) -> int:
+        return n
+
+    def __call__(
+        self, idx: Tensor, input_pos: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]
+    ) -> Tensor:
+        return self.model.decode_step(idx, input_pos, k_cache, v_cache)
+
+
+class SlotCache:
+    """The KV cache of `slots` rows of `max_len` positions, and the model run on it.
+
+    Per layer, keys and values (slots, nh, max_len, hs), allocated once in the model's dtype.
+    `prefill` writes prompts into a range of slots from position 0; `decode` feeds one
+    token per row at each row's own position; `copy` and `reorder` move rows between slots.
+    """
+
+    def __init__(self, model: GPT2, *, slots: int, max_len: int, step: DecodeStep | None = None) -> None:
+        config = model.config
+        self.model = model
+        self.device = model.wte.weight.device
+        self.step: DecodeStep = step if step is not None else EagerStep(model)
+        if self.step.max_len is not None:
+            max_len = self.step.max_len
+        if self.step.slots is not None and self.step.slots < slots:
+            raise ConfigError(f"the decode step takes at most {self.step.slots} rows, not {slots} slots")
+        self.slots = slots
+        self.max_len = max_len
+        dtype = model.wte.weight.dtype
+        shape = (slots, config.n_head, max_len, config.head_size)
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.n_layer)]
+
+    def prefill(self, first: int, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """Write `prompts` into slots first, first + 1, ...; returns (hidden states (b, T, C)
+        right-padded, next-token logits (b, V) at each prompt's last token)."""
+        b, T = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(b, T, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        k = [t[first : first + b] for t in self.k]
+        v = [t[first : first + b] for t in self.v]
+        h = self.model.prefill(ids.to(self.device), k, v)  # (b, T, C)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return h, self.model.logits(h[torch.arange(b, device=self.device), last])
+
+    def decode(self, tokens: Sequence[int] | Tensor, positions: Sequence[int]) -> Tensor:
+        """Logits (n, V) after feeding row i (slot i) `tokens[i]` at `positions[i]`."""
+        n = len(positions)
+        b = self.step.batch_size(n)
+        assert n <= b <= self.slots, f"the step asked for batch {b} for {n} rows and {self.slots} slots"
+        pad = b - n
+        idx = torch.as_tensor(tokens, device=self.device).reshape(n)
+        if pad:
+            idx = torch.cat([idx, idx.new_zeros(pad)])
+        input_pos = torch.tensor(list(positions) + [0] * pad, device=self.device)  # (b,)
+        L = self.max_len
+        if self.step.max_len is None:  # attend over the positions in use only
+            L = min(self.max_len, -(-(max(positions) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET)
+        k = [t[:b, :, :L] for t in self.k]
+        v = [t[:b, :, :L] for t in self.v]
+        return self.step(idx[:, None], input_pos, k, v)[:n]
+
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Slot `dst` takes the first `length` positions of slot `src`."""
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
+
+    def reorder(self, index: Tensor) -> None:
+        """Slot i takes slot index[i]'s contents, for i < len(index) (beams following their parents)."""
+        n = index.shape[0]
+        for t in self.k + self.v:
+            t[:n] = t.index_select(0, index)
+
+
+@dataclass(eq=False)
+class Row:
+    """One sample of one prompt. `tokens` are its new tokens so far (an ending eos included)."""
+
+    prompt: list[int]
+    config: SamplingConfig
+    generator: torch.Generator
+    limit: int  # new tokens it may produce: max_new_tokens, cut to the cache
+    tag: object = None  # the caller's handle
+    prompt_logprobs: bool = False
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    cancelled: bool = False
+    slot: int | None = None
+
+    def cancel(self) -> None:
+        """Stop this row at the next step (a stop string was reached, the client left)."""
+        self.cancelled = True
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A row's new token; with `config.logprobs=k`, its log-probability and the k most likely
+    tokens [(id, logprob)] under the model's own distribution (before penalties and filters)."""
+
+    row: Row
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass(frozen=True)
+class PromptEvent:
+    """The prompt's log-probabilities (asked with `prompt_logprobs`); the first is None."""
+
+    row: Row
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The row ended: "stop" (eos), "length" (its limit) or "cancelled"."""
+
+    row: Row
+    reason: FinishReason
+
+
+Event = TokenEvent | PromptEvent | FinishEvent
+
+
+class Engine:
+    """Decodes rows together over `slots` cache slots of `max_len` positions (see the module docstring).
+
+    `max_len` defaults to the model's context; `eos_token_id` ends a row (None or -1: never).
+    `step` is the decode step to run (an `EagerStep` by default; `gpt2kit.model.compiled` builds
+    compiled ones). On CPU the model's weights get the decode layout (`use_decode_layout`).
+    """
+
+    def __init__(
+        self,
+        model: GPT2,
+        *,
+        slots: int,
+        max_len: int | None = None,
+        eos_token_id: int | None = None,
+        step: DecodeStep | None = None,
+    ) -> None:
+        if not isinstance(slots, int) or slots < 1:
+            raise ConfigError(f"slots must be an integer >= 1, got {slots!r}")
+        config = model.config
+        self.model = model
+        self.device = model.wte.weight.device
+        if self.device.type == "cpu":
+            use_decode_layout(model)  # bit-identical, ~1.5x faster matrix-vector products on CPU
+        max_len = min(max_len or config.n_positions, config.n_positions)
+        self.cache = SlotCache(model, slots=slots, max_len=max_len, step=step)
+        self.slots = slots
+        self.max_len = self.cache.max_len
+        self.eos = -1 if eos_token_id is None else eos_token_id
+        self.vocab_size = config.vocab_size
+        self.rows: list[Row] = []  # the running rows; rows[i] is in slot i
+        self.waiting: deque[Row] = deque()
+        self.logits: Tensor | None = None  # (len(rows), V): each running row's next-token logits
+        self.seen: Tensor | None = None  # (slots, V) bool, allocated when a row needs it
+        self.counts: Tensor | None = None  # (slots, V) float32, likewise
+
+    # --- the caller's side --------------------------------------------------------------
+
+    def add(
+        self,
+        prompt: Sequence[int],
+        config: SamplingConfig,
+        *,
+        seed: int | None = None,
+        tag: object = None,
+        prompt_logprobs: bool = False,
+    ) -> Row:
+        """Queue one row: `prompt` (token ids, not empty) sampled with `config` and `seed`
+        (the row's own: a request's row r uses `config.row_seed(r)`). It joins at the next step."""
+        prompt = list(prompt)
+        if not prompt:
+            raise ConfigError("a prompt needs at least one token; start an empty one from <|endoftext|>")
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ConfigError(f"token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
+        if len(prompt) > self.max_len:
+            raise ConfigError(
+                f"prompt has {len(prompt)} tokens; the cache holds {self.max_len}; shorten the prompt"
+            )
+        bad = next((t for t in config.logit_bias if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ConfigError(
+                f"logit_bias token id {bad} is outside the model's vocabulary [0, {self.vocab_size})"
+            )
+        limit = min(config.max_new_tokens, self.max_len - len(prompt))
+        row = Row(prompt, config, row_generator(seed, self.device), limit, tag, prompt_logprobs)
+        self.waiting.append(row)
+        return row
+
+    @property
+    def busy(self) -> bool:
+        """Rows are running or waiting."""
+        return bool(self.rows or self.waiting)
+
+    def events(self) -> Iterator[Event]:
+        """Run steps until every row has finished, yielding their events."""
+        while self.busy:
+            yield from self.step()
+
+    # --- one round ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting rows, pick one token for every running row, then run the model on them."""
+        events: list[Event] = []
+        self._drop_cancelled(events)
+        self._admit(events)
+        self._release()  # rows that only scored their prompt
+        if self.rows:
+            self._choose(events)
+            self._release()
+        if self.rows:
+            self._decode()
+        return events
+
+    def _drop_cancelled(self, events: list[Event]) -> None:
+        for row in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(row)
+            self._finish(row, "cancelled", events)
+        for row in self.rows:
+            if row.cancelled:
+                self._finish(row, "cancelled", events)
+        self._release()
+
+    def _finish(self, row: Row, reason: FinishReason, events: list[Event]) -> None:
+        if row.finish_reason is None:
+            row.finish_reason = reason
+            events.append(FinishEvent(row, reason))
+
+    def _admit(self, events: list[Event]) -> None:
+        """Move waiting rows into free slots and prefill them, in groups of bounded size."""
+        joined: list[Row] = []
+        while self.waiting and len(self.rows) + len(joined) < self.slots:
+            joined.append(self.waiting.popleft())
+        group: list[Row] = []
+        for row in joined:
+            width = max([len(r.prompt) for r in group] + [len(row.prompt)])
+            if group and width * (len(group) + 1) > PREFILL_TOKENS:
+                self._prefill(group, events)
+                group = []
+            group.append(row)
+        if group:
+            self._prefill(group, events)
+
+    def _prefill(self, group: list[Row], events: list[Event]) -> None:
+        first = len(self.rows)
+        for i, row in enumerate(group):
+            row.slot = first + i
+        h, logits = self.cache.prefill(first, [r.prompt for r in group])
+        for i, row in enumerate(group):
+            if row.prompt_logprobs:
+                events.append(self._prompt_logprobs(row, h[i, : len(row.prompt)]))
+        self._init_history(group)
+        self.rows += group
+        self.logits = logits if self.logits is None else torch.cat([self.logits[:first], logits])
+        for row in group:
+            if row.limit == 0:  # scoring only (echo with max_tokens 0): nothing to generate
+                self._finish(row, "length", events)
+
+    def _prompt_logprobs(self, row: Row, h: Tensor) -> PromptEvent:
+        logprobs = self.model.logits(h).float().log_softmax(dim=-1)  # (T, V)
+        k = row.config.logprobs or 0
+        chosen = torch.tensor(row.prompt[1:], device=self.device)
+        values = logprobs[:-1].gather(1, chosen[:, None])[:, 0].tolist()
+        tops: list[list[tuple[int, float]] | None] = [None]
+        if k:
+            top = logprobs[:-1].topk(k, dim=-1)
+            tops += [
+                list(zip(i, v, strict=True))
+                for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+            ]
+        else:
+            tops += [[] for _ in values]
+        return PromptEvent(row, [None, *values], tops)
+
+    def _init_history(self, group: list[Row]) -> None:
+        V = self.vocab_size
+        if any(r.config.needs_seen for r in group) and self.seen is None:
+            self.seen = torch.zeros(self.slots, V, dtype=torch.bool, device=self.device)
+        if any(r.config.needs_counts for r in group) and self.counts is None:
+            self.counts = torch.zeros(self.slots, V, dtype=torch.float32, device=self.device)
+        for row in group:
+            if self.seen is not None:
+                self.seen[row.slot] = False
+                self.seen[row.slot, torch.tensor(row.prompt, device=self.device)] = True
+            if self.counts is not None:
+                self.counts[row.slot] = 0
+
+    def _choose(self, events: list[Event]) -> None:
+        """One token per running row, each with its own config and generator."""
+        assert self.logits is not None and self.logits.shape[0] == len(self.rows)
+        n = len(self.rows)
+        u = uniforms([r.generator for r in self.rows], self.device)  # (n,): one draw per row per step
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            groups.setdefault(row.config.scoring, []).append(i)
+        if len(groups) == 1:
+            tokens = self._pick(range(n), self.logits, u)
+        else:
+            tokens = torch.empty(n, dtype=torch.long, device=self.device)
+            for members in groups.values():
+                index = torch.tensor(members, device=self.device)
+                tokens[index] = self._pick(members, self.logits[index], u[index])
+        wanted = [i for i, r in enumerate(self.rows) if r.config.logprobs is not None]
+        logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = {}
+        if wanted:
+            logprobs = self._logprobs(wanted, tokens)
+        rows_index = torch.arange(n, device=self.device)
+        if self.seen is not None:
+            self.seen[rows_index, tokens] = True
+        if self.counts is not None:
+            self.counts[rows_index, tokens] += 1
+        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
+            row.tokens.append(token)
+            lp, top = logprobs.get(i, (None, None))
+            events.append(TokenEvent(row, token, lp, top))
+            if token == self.eos:
+                self._finish(row, "stop", events)
+            elif len(row.tokens) >= row.limit:
+                self._finish(row, "length", events)
+
+    def _pick(self, members: Sequence[int], logits: Tensor, u: Tensor) -> Tensor:
+        rows = [self.rows[i] for i in members]
+        config = rows[0].config
+        index = torch.tensor(list(members), device=self.device) if len(rows) < len(self.rows) else None
+        slots = index if index is not None else slice(0, len(rows))
+        history = History(
+            seen=self.seen[slots] if config.needs_seen and self.seen is not None else None,
+            counts=self.counts[slots] if config.needs_counts and self.counts is not None else None,
+            tokens=[r.prompt + r.tokens for r in rows] if config.no_repeat_ngram_size else None,
+        )
+        return next_tokens(logits, config, history, u)
+
+    def _logprobs(
+        self, wanted: list[int], tokens: Tensor
+    ) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+        assert self.logits is not None
+        index = torch.tensor(wanted, device=self.device)
+        raw = self.logits[index].float().log_softmax(dim=-1)  # (w, V)
+        chosen = raw.gather(1, tokens[index][:, None])[:, 0].tolist()
+        k = max(self.rows[i].config.logprobs or 0 for i in wanted)
+        top_ids, top_values = ([], [])
+        if k:
+            top = raw.topk(k, dim=-1)
+            top_ids, top_values = top.indices.tolist(), top.values.tolist()
+        out = {}
+        for j, i in enumerate(wanted):
+            kk = self.rows[i].config.logprobs or 0
+            pairs = list(zip(top_ids[j][:kk], top_values[j][:kk], strict=True)) if kk else []
+            out[i] = (chosen[j], pairs)
+        return out
+
+    def _release(self) -> None:
+        """Drop finished rows; the last rows move into the freed slots, so rows stay packed."""
+        alive = [r for r in self.rows if not r.finished]
+        if len(alive) == len(self.rows):
+            return
+        old = {row: row.slot for row in alive}  # rows[i] is in slot i
+        m = len(alive)
+        taken = {r.slot for r in alive}
+        holes = [s for s in range(m) if s not in taken]
+        movers = [r for r in alive if r.slot is not None and r.slot >= m]
+        for hole, row in zip(holes, movers, strict=True):
+            self._move(row, hole)
+        alive.sort(key=lambda r: r.slot)  # type: ignore[arg-type, return-value]
+        if self.logits is not None and m:
+            self.logits = self.logits[torch.tensor([old[r] for r in alive], device=self.device)]
+        else:
+            self.logits = None
+        self.rows = alive
+
+    def _move(self, row: Row, slot: int) -> None:
+        src = row.slot
+        assert src is not None
+        self.cache.copy(src, slot, len(row.prompt) + len(row.tokens))  # the positions it has written
+        for table in (self.seen, self.counts):
+            if table is not None:
+                table[slot] = table[src]
+        row.slot = slot
+
+    def _decode(self) -> None:
+        """Feed each running row its last token at its own position; keep the logits."""
+        positions = [len(r.prompt) + len(r.tokens) - 1 for r in self.rows]
+        self.logits = self.cache.decode([r.tokens[-1] for r in self.rows], positions)
+
+
+def step_for(model: GPT2, *, slots: int, max_len: int, compile: bool | None) -> DecodeStep | None:
+    """The compiled step for `compile` (None: a saved one if any; True: built if needed; False:
+    none), or None for the eager step."""
+    if compile is False:
+        return None
+    return decode_step(model, slots=slots, max_len=max_len, build=compile is True)

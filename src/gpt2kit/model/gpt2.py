@@ -1,0 +1,455 @@
+"""The GPT-2 transformer, exactly as OpenAI's checkpoints compute it. Pure torch.
+
+Parameter names are the checkpoints' own (wte, wpe, h.{i}.attn.c_attn, ln_f, ...), with
+`nn.Linear` weights stored [out, in]; checkpoint.py transposes the four Conv1D weights.
+
+Shapes: B batch, T new positions, L positions attended to (cache included), C n_embd,
+nh n_head, hs head size, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpt2kit.device import auto_dtype, pick_device, pick_dtype
+from gpt2kit.model import checkpoint
+from gpt2kit.model.config import TANH_GELUS, GPT2Config, sinusoidal_table
+from gpt2kit.model.quantize import check_method, quantize_int8
+from gpt2kit.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class CausalLMOutput(NamedTuple):
+    """`logits` (B, T, V) and, when targets were given, the mean cross-entropy `loss`."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, allocated once and written in place (gpt-fast style).
+
+    `k[i]`, `v[i]`: (B, nh, max_len, hs) for layer i; `pos` counts the filled positions.
+    `mask` (B, max_len) marks real tokens (True) among them, or is None when no row is padded.
+    """
+
+    k: list[Tensor]
+    v: list[Tensor]
+    pos: int = 0
+    mask: Tensor | None = None
+
+    @classmethod
+    def allocate(
+        cls,
+        config: GPT2Config,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> KVCache:
+        shape = (batch_size, config.n_head, max_len, config.head_size)
+        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        return cls(k, v)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    def select_rows(self, index: Tensor) -> None:
+        """Keep batch rows `index`, in that order (beam search, dropping finished rows)."""
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_size = config.head_size
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        cache: tuple[Tensor, Tensor] | None = None,
+        start: int | Tensor = 0,
+    ) -> Tensor:
+        """`start`: where the new positions go in `cache`, the same for every row (an int), or
+        one position per row (B,) for one new token per row (`decode_step`). There every shape
+        is static: the whole cache is attended to and `attn_mask` (True = may attend) hides
+        the positions a row has not written. Attention is written out there, so that inductor
+        fuses it into its own loops: for one query the CPU flash kernel's fixed cost per call
+        was ~12% of a gpt2 step."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k_cache, v_cache = cache
+            if isinstance(start, Tensor):
+                rows = torch.arange(B, device=x.device)
+                k_cache[rows, :, start] = k[:, :, 0]  # row b's key at its own position start[b]
+                v_cache[rows, :, start] = v[:, :, 0]
+                if torch.compiler.is_compiling():
+                    att = (q @ k_cache.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_size))  # (B, nh, 1, L)
+                    att = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
+                    y = att @ v_cache  # (B, nh, 1, hs)
+                else:  # eager: one fused kernel beats three small ones (and their thread syncs)
+                    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=attn_mask)
+                return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+            k_cache[:, :, start : start + T] = k
+            v_cache[:, :, start : start + T] = v
+            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, nh, L, hs)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_pdrop if self.training else 0.0,
+            is_causal=is_causal,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.inner_size)
+        self.c_proj = nn.Linear(config.inner_size, config.n_embd)
+        self.approximate = "tanh" if config.activation_function in TANH_GELUS else "none"
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (GPT-2's change from GPT-1)."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        cache: tuple[Tensor, Tensor] | None = None,
+        start: int | Tensor = 0,
+    ) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, start)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    """GPT-2: token + position embeddings, n_layer blocks, ln_f, logits tied to wte.
+
+    >>> model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64))
+    >>> model(torch.tensor([[1, 2, 3]])).logits.shape
+    torch.Size([1, 3, 100])
+    """
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.wte_rows, config.n_embd)
+        if config.position_embedding == "learned":
+            self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        else:
+            table = sinusoidal_table(config.n_positions, config.n_embd)
+            self.register_buffer("wpe_table", table, persistent=False)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        if self.wte.weight.device.type != "meta":
+            self.reset_parameters()
+
+    # --- construction -------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """GPT-2's init: N(0, 0.02) weights, zero biases, residual projections / sqrt(2 n_layer)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        # The two projections that write into the residual stream, 2 per block (GPT-2 paper).
+        for block in self.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        if self.config.position_embedding == "sinusoidal":
+            self.wpe_table.copy_(sinusoidal_table(self.config.n_positions, self.config.n_embd))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str | None = None,
+        quantize: str | None = None,
+    ) -> GPT2:
+        """Load a model directory, or download a hub id ("gpt2", "openai-community/gpt2-xl").
+
+        `dtype`: None keeps the checkpoint's own; else a torch dtype or its name ("float32",
+        "bfloat16", "float16", or "auto": bf16 where `device` computes it natively, see
+        `gpt2kit.device.auto_dtype`). `quantize="int8"`: int8 weights for inference, computing in
+        `dtype`, in the scheme `gpt2kit.model.quantize.pick_scheme` picks for `device`
+        ("int8-dynamic" or "int8-weight-only" choose one); the scheme used is `model.quantization`.
+        The folder's format is `gpt2kit.model.checkpoint`'s.
+
+        >>> model = GPT2.from_pretrained("path/to/gpt2", dtype="bfloat16", quantize="int8")  # doctest: +SKIP
+        """
+        check_method(quantize)
+        device = pick_device(str(device), flag="device=")
+        auto = isinstance(dtype, str) and dtype == "auto"
+        if dtype is not None:
+            dtype = pick_dtype(dtype, device, flag="dtype=")
+        path = checkpoint.resolve(name_or_path)
+        config = GPT2Config.from_json_file(path / "config.json")
+        state = checkpoint.read_state_dict(path)
+        with torch.device("meta"):
+            model = cls(config)
+        state = checkpoint.from_hf_state_dict(state, model, source=checkpoint.weights_file(path))
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        model.load_state_dict(state, assign=True)
+        if config.position_embedding == "sinusoidal":
+            # A non-persistent buffer, so still on meta after the load.
+            model.wpe_table = sinusoidal_table(config.n_positions, config.n_embd)
+        model = model.to(device).eval()
+        if auto:
+            log.info("dtype auto: %s (%s)", str(dtype).removeprefix("torch."), auto_dtype(device)[1])
+        if quantize is not None:
+            quantize_int8(model, scheme=quantize)
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike[str], *, tokenizer: Tokenizer | None = None) -> None:
+        """Write a directory `transformers` loads as-is (see `gpt2kit.model.checkpoint.save_model`)."""
+        checkpoint.save_model(self, path, tokenizer=tokenizer)
+
+    def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
+        """Parameters, the tied wte/lm_head counted once (as the paper's and docs/tokenizer-and-model.md's counts do)."""
+        # lm_head, where a quantized model has one, is a copy of wte.
+        n = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("lm_head."))
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if hasattr(self, "wpe") else 0)
+        return n
+
+    # --- forward ------------------------------------------------------------------------
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> CausalLMOutput:
+        """Logits for `idx` (B, T) and, with `targets` (B, T), the mean cross-entropy loss.
+
+        `attention_mask` (B, T), 1 for real tokens and 0 for padding (with a cache: (B, L),
+        covering cached and new positions); position ids then count real tokens only, so a
+        left-padded row gives the same logits as the row alone. Targets equal to -100 are
+        ignored. `last_only` computes logits for the last position only (generation).
+        """
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.n_positions:
+            raise ValueError(
+                f"sequence of {start + T} positions exceeds the context of {self.config.n_positions}"
+            )
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            raise ValueError(f"KV cache holds {kv_cache.max_len} positions, {start + T} needed")
+
+        key_mask = _key_mask(attention_mask, kv_cache, B, start, T, idx.device)
+        if position_ids is None:
+            position_ids = _position_ids(key_mask, start, T, idx.device)
+        attn_mask, is_causal = _attention_mask(key_mask, start, T, idx.device)
+
+        caches = list(zip(kv_cache.k, kv_cache.v, strict=True)) if kv_cache is not None else None
+        x = self.hidden_states(idx, position_ids, attn_mask, is_causal, caches, start)
+        if kv_cache is not None:
+            kv_cache.pos = start + T
+            if key_mask is not None:
+                if kv_cache.mask is None:
+                    kv_cache.mask = torch.ones(B, kv_cache.max_len, dtype=torch.bool, device=idx.device)
+                kv_cache.mask[:, : start + T] = key_mask
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.logits(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return CausalLMOutput(logits, loss)
+
+    def hidden_states(
+        self,
+        idx: Tensor,
+        position_ids: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        caches: list[tuple[Tensor, Tensor]] | None = None,
+        start: int | Tensor = 0,
+    ) -> Tensor:
+        """ln_f(blocks(wte + wpe)) for (B, T) ids: (B, T, C). Masks as `_attention_mask` makes
+        them; `caches[i]` is layer i's (k, v) written at `start` (see CausalSelfAttention)."""
+        x = self.drop(self.wte(idx) + self._positions(position_ids))  # (B, T, C)
+        for i, block in enumerate(self.h):
+            x = block(x, attn_mask, is_causal, caches[i] if caches is not None else None, start)
+        return self.ln_f(x)
+
+    def prefill(self, idx: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]) -> Tensor:
+        """Hidden states (B, T, C) of prompts starting at position 0, their keys and values written
+        into positions 0..T-1 of `k_cache[i]`/`v_cache[i]` (B, nh, L, hs) for layer i.
+
+        Rows may be right-padded to a common T: attention is causal, so a row's real tokens
+        never see its padding, and the padding's cache entries are masked by `decode_step`
+        until they are overwritten. Read row b's next-token state at its last real position.
+        """
+        T = idx.shape[1]
+        positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
+        caches = list(zip(k_cache, v_cache, strict=True))
+        return self.hidden_states(idx, positions, None, True, caches, 0)
+
+    def decode_step(
+        self, idx: Tensor, input_pos: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]
+    ) -> Tensor:
+        """Logits (B, V) of one new token per row, row b at its own position `input_pos[b]`.
+
+        `idx` (B, 1) the tokens, `input_pos` (B,) int64, `k_cache[i]`/`v_cache[i]` (B, nh, L, hs)
+        layer i's cache. Row b's key and value are written at `input_pos[b]`, and it attends to
+        its own positions 0..input_pos[b] only: rows are independent, so a row can join or
+        leave a batch (a cache slot) without any tensor changing shape. This is the function
+        the compiled step compiles (`gpt2kit.model.compiled`).
+        """
+        L = k_cache[0].shape[2]
+        written = torch.arange(L, device=idx.device)[None, :] <= input_pos[:, None]  # (B, L)
+        attn_mask = written[:, None, None, :]  # (B, 1, 1, L)
+        caches = list(zip(k_cache, v_cache, strict=True))
+        x = self.hidden_states(idx, input_pos[:, None], attn_mask, False, caches, input_pos)
+        return self.logits(x[:, -1])  # (B, V)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The tied output projection; rows past vocab_size (padding) are never scored.
+        A quantized model has an int8 copy of it, `lm_head` (gpt2kit.model.quantize)."""
+        if "lm_head" in self._modules:
+            return self.lm_head(x)
+        return F.linear(x, self.wte.weight[: self.config.vocab_size])
+
+    def _positions(self, position_ids: Tensor) -> Tensor:
+        if self.config.position_embedding == "learned":
+            return self.wpe(position_ids)
+        return self.wpe_table[position_ids].to(self.wte.weight.dtype)
+
+
+def use_decode_layout(model: nn.Module) -> None:
+    """Lay every Linear/Embedding weight out [in, out] in memory; values and shapes unchanged.
+
+    One-token decoding is a matrix-vector product per weight, bound by memory bandwidth.
+    On CPU, `x @ W.T` streams a weight stored [in, out] (the `W.T` contiguous) about 1.5x
+    faster than one stored [out, in] (benchmarks/README.md), and the result is bit-identical.
+    The parameters stay the same objects (a strided view), so training, `state_dict` and
+    `save_pretrained` work as before. Idempotent.
+
+    >>> model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10, n_positions=8))
+    >>> use_decode_layout(model); model.wte.weight.stride()
+    (1, 10)
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dim() == 2:
+                w = module.weight
+                if (
+                    type(w.data) is not Tensor
+                ):  # a quantized weight (gpt2kit.model.quantize) has its own layout
+                    continue
+                if w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
+                    w.data = w.data.t().contiguous().t()
+
+
+# --- masks: the padding mask and the causal mask -----------------------------------------
+
+
+def _key_mask(
+    attention_mask: Tensor | None, kv_cache: KVCache | None, B: int, start: int, T: int, device: torch.device
+) -> Tensor | None:
+    """(B, start + T) bool: which positions are real tokens; None when all are."""
+    cached = kv_cache.mask if kv_cache is not None else None
+    if attention_mask is None:
+        if cached is None:
+            return None
+        return torch.cat([cached[:, :start], torch.ones(B, T, dtype=torch.bool, device=device)], dim=1)
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    if mask.shape == (B, start + T):
+        return mask
+    if mask.shape == (B, T) and cached is not None:
+        return torch.cat([cached[:, :start], mask], dim=1)
+    if mask.shape == (B, T) and start == 0:
+        return mask
+    raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, start + T)}")
+
+
+def _position_ids(key_mask: Tensor | None, start: int, T: int, device: torch.device) -> Tensor:
+    if key_mask is None:
+        return torch.arange(start, start + T, device=device).unsqueeze(0)  # (1, T)
+    # Count real tokens only, so a left-padded row sees positions 0, 1, 2, ... as alone.
+    pos = key_mask.long().cumsum(dim=1) - 1
+    return pos[:, start:].clamp(min=0)  # (B, T)
+
+
+def _attention_mask(
+    key_mask: Tensor | None, start: int, T: int, device: torch.device
+) -> tuple[Tensor | None, bool]:
+    """(mask for scaled_dot_product_attention, is_causal); True in the mask = may attend."""
+    L = start + T
+    if key_mask is None:
+        if start == 0:
+            return None, True  # plain causal: flash/efficient kernels apply
+        if T == 1:
+            return None, False  # one new token sees every cached position
+        causal = torch.ones(T, L, dtype=torch.bool, device=device).tril(diagonal=start)  # (T, L)
+        return causal, False
+    causal = torch.ones(T, L, dtype=torch.bool, device=device).tril(diagonal=start)  # (T, L)
+    mask = causal.unsqueeze(0) & key_mask[:, None, :]  # (B, T, L)
+    # A padding query would otherwise see nothing and give NaN; let it see itself (its
+    # output is never used, since real tokens never attend to it).
+    eye = torch.zeros(T, L, dtype=torch.bool, device=device)
+    eye[torch.arange(T), torch.arange(start, L)] = True
+    return (mask | eye).unsqueeze(1), False  # (B, 1, T, L)
