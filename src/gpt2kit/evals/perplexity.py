@@ -17,13 +17,12 @@ logits are computed for unscored positions.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 from gpt2kit.errors import ConfigError, DataError
 from gpt2kit.evals.scoring import score_continuations
-from gpt2kit.evals.stats import exp_nll
+from gpt2kit.evals.stats import bits_per_byte, exp_nll
 from gpt2kit.model.gpt2 import GPT2
 from gpt2kit.tokenizer.tokenizer import Tokenizer
 
@@ -100,7 +99,7 @@ def evaluate_perplexity(
     n_bytes = len(text.encode("utf-8"))
     return {
         "perplexity": exp_nll(nll / n_tokens),
-        "bits_per_byte": nll / math.log(2) / n_bytes,
+        "bits_per_byte": bits_per_byte(nll, n_bytes),
         "nll_per_token": nll / n_tokens,
         "total_nll_nats": nll,
         "n_tokens": n_tokens,

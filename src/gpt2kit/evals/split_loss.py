@@ -13,7 +13,6 @@ compare: bits/byte = loss (nats/token) * tokens / bytes / ln 2.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from gpt2kit.data.shards import TokenData
 from gpt2kit.errors import DataError
+from gpt2kit.evals.stats import bits_per_byte
 from gpt2kit.model.gpt2 import GPT2
 
 
@@ -55,7 +55,7 @@ def split_loss(
     n_bytes = int(lengths[predicted].sum())
     return {
         "loss": nll / tokens,
-        "bits_per_byte": nll / n_bytes / math.log(2) if n_bytes else None,
+        "bits_per_byte": bits_per_byte(nll, n_bytes),
         "tokens": tokens,
         "bytes": n_bytes,
     }

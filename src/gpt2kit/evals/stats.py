@@ -1,5 +1,5 @@
 """Mean and standard error of per-item scores (the two numbers every accuracy is reported with),
-and perplexity from a mean NLL."""
+perplexity from a mean NLL, and bits per byte from a total NLL."""
 
 from __future__ import annotations
 
@@ -48,3 +48,15 @@ def exp_nll(mean_nll: float) -> float:
         return math.exp(mean_nll)
     except OverflowError:
         return math.inf
+
+
+def bits_per_byte(total_nll: float, n_bytes: int) -> float | None:
+    """Bits per UTF-8 byte of text whose tokens' summed NLL is `total_nll` nats (None for no bytes).
+
+    Dividing by bytes, not tokens, makes models with different tokenizers comparable:
+    bits/byte = nats/token * tokens / bytes / ln 2.
+
+    >>> round(bits_per_byte(math.log(2) * 10, 5), 6)
+    2.0
+    """
+    return total_nll / n_bytes / math.log(2) if n_bytes else None
