@@ -427,15 +427,21 @@ def _hf_files_builder(name: str) -> str | None:
     return None
 
 
-def _jsonl_field(line: str, *, field: str, where: str) -> str:
+def json_object(line: str, *, where: str) -> dict[str, Any]:
+    """One line of a JSON Lines file as a dict; `where` ("file:line") starts the DataError."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(
-            f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
+            f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
         ) from None
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object with a {field!r} field, got {type(obj).__name__}")
+        raise DataError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def _jsonl_field(line: str, *, field: str, where: str) -> str:
+    obj = json_object(line, where=where)
     if field not in obj:
         fields = ", ".join(map(str, obj)) or "none"
         raise DataError(f"{where}: no {field!r} field (fields: {fields}); pass --field NAME")

@@ -33,6 +33,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from gpt2kit.data.corpora import json_object
 from gpt2kit.errors import DataError
 
 KINDS = ("lambada", "multiple-choice", "generate")
@@ -238,14 +239,7 @@ def _read_items(path: Path, kind: str) -> tuple[dict[str, str], list[Item]]:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{n}: not valid JSON ({e.msg}); expected one JSON object per line"
-            ) from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object, found {type(obj).__name__}")
+        obj = json_object(line, where=f"{path}:{n}")
         if "task" in obj and len(obj) == 1:
             header = _header(obj["task"], path, n)
             continue
