@@ -150,3 +150,15 @@ def test_cited_files_exist(path: Path) -> None:
     assert not missing, f"{path.relative_to(ROOT)} cites files that are not in the repository: {missing}"
     # Files of the project's private notes, which users don't have.
     assert not re.search(r"GPT2\.md|\bseed 0\d\d\b", text), f"{path.relative_to(ROOT)} cites a private note"
+
+
+def test_the_top_package_exports_the_public_names() -> None:
+    import gpt2kit
+    from gpt2kit.generation.complete import complete
+    from gpt2kit.model.gpt2 import GPT2
+    from gpt2kit.training.loop import train
+
+    public = {"GPT2", "GPT2Config", "Tokenizer", "SamplingConfig", "generate", "complete", "beam_search"}
+    assert public | {"train", "TrainConfig", "__version__"} <= set(gpt2kit.__all__)
+    assert (gpt2kit.GPT2, gpt2kit.complete, gpt2kit.train) == (GPT2, complete, train)
+    assert all(getattr(gpt2kit, name) is not None for name in gpt2kit.__all__)
