@@ -15,7 +15,19 @@ from gpt2kit.errors import CheckpointError, ConfigError
 from gpt2kit.training.loop import train
 from gpt2kit.training.parallel import Parallel
 from gpt2kit.training.run import setup_run
-from train_helpers import config
+from train_helpers import config, make_data
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_a_fresh_run(data_dir: Path, tmp_path: Path) -> None:

@@ -35,6 +35,19 @@ from gpt2kit.training.optim import adamw_groups
 from gpt2kit.training.run import autocast_dtype
 from train_helpers import config, make_data, tiny_args
 
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- schedule, optimizer groups, batches ---------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from gpt2kit.model import GPT2
 from gpt2kit.training.checkpoint import checkpoint_dirs, latest_checkpoint
 from gpt2kit.training.loop import train
 from gpt2kit.training.metrics import read_metrics
-from train_helpers import config, tiny_args
+from train_helpers import config, make_data, tiny_args
 
 SETTINGS = {
     "max_steps": 6,
@@ -49,6 +49,11 @@ def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
