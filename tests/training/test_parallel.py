@@ -8,6 +8,8 @@ identity.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,15 @@ def test_checkpoint_state_and_optimizer_restore(model: GPT2, tmp_path: Path) -> 
     for i, slots in saved["state"].items():
         for name, value in slots.items():
             torch.testing.assert_close(restored["state"][i][name], value, rtol=0, atol=0)
+
+
+def test_fsdp_modules_load_only_for_fsdp_runs() -> None:
+    # They take about as long to import as torch: every gpt2kit command would pay for them.
+    code = (
+        "import sys, gpt2kit, gpt2kit.training.loop; "
+        "print([m for m in sys.modules if m.startswith(('torch.distributed.fsdp', 'torch.distributed.checkpoint'))])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]"

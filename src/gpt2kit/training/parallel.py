@@ -32,14 +32,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from gpt2kit.model.gpt2 import GPT2, sinusoidal_table
 from gpt2kit.training import checkpoint
@@ -47,9 +39,6 @@ from gpt2kit.training.checkpoint import RunCheckpoint
 from gpt2kit.training.optim import Optimizers
 
 log = logging.getLogger(__name__)
-
-# Gathered state goes to rank 0's CPU only: a full copy on every GPU is what FSDP avoids.
-GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def torchrun_env() -> tuple[int, int, int]:
@@ -175,7 +164,11 @@ class DDP(ProcessGroup):
 
 
 class FSDP(ProcessGroup):
-    """Fully sharded data parallel: weights, gradients and optimizer state split over the processes."""
+    """Fully sharded data parallel: weights, gradients and optimizer state split over the processes.
+
+    torch's FSDP and distributed-checkpoint modules are imported in the methods: they take
+    about as long to import as torch itself, and only FSDP runs need them.
+    """
 
     _sharded: GPT2 | None = None
 
@@ -183,6 +176,9 @@ class FSDP(ProcessGroup):
         """With bf16 the all-gathered weights (and so forward and backward) are bf16 while the
         shards, the optimizer state and the gradient reduction stay float32: this replaces
         autocast. float16 stays autocast, as with DDP."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
         bf16 = amp == torch.bfloat16
         # The mesh is explicit: FSDP's default is a CUDA mesh whenever CUDA exists, even for device=cpu.
         mesh = init_device_mesh(self.device.type, (self.world_size,))
@@ -207,7 +203,7 @@ class FSDP(ProcessGroup):
         # FSDP2 reads the flag in backward (DDP reads it in forward), so the backward pass must
         # run inside the block. The next backward outside reduce-scatters the accumulated sum.
         model = self._sharded
-        assert isinstance(model, FSDPModule), "no_sync needs a model that went through shard()"
+        assert model is not None, "no_sync needs a model that went through shard()"
         model.set_requires_gradient_sync(False)
         try:
             yield
@@ -223,7 +219,9 @@ class FSDP(ProcessGroup):
         return range(self.rank, -(-iters // self.world_size) * self.world_size, self.world_size)
 
     def full_model(self, model: GPT2) -> GPT2 | None:
-        weights = get_model_state_dict(model, options=GATHER)
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        weights = get_model_state_dict(model, options=_gather())
         if not self.main:
             return None
         with torch.device("meta"):
@@ -235,7 +233,9 @@ class FSDP(ProcessGroup):
 
     def full_optimizer_state(self, model: GPT2, optimizer: Optimizers) -> dict[str, Any] | None:
         """The unsharded `optimizer.state_dict()` (index keys, CPU tensors) on rank 0."""
-        state = get_optimizer_state_dict(model, optimizer.optimizers, options=GATHER)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(model, optimizer.optimizers, options=_gather())
         if not self.main:
             return None
         # torch keys it by parameter name; optimizer.state_dict() numbers parameters group by group.
@@ -250,6 +250,8 @@ class FSDP(ProcessGroup):
     def restore_optimizer(self, model: GPT2, optimizer: Optimizers, ckpt: RunCheckpoint) -> None:
         """Every rank reads the checkpoint itself and keeps only its own slices: no
         communication, and nothing depends on the world size the checkpoint was written with."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
         saved = checkpoint.optimizer_state(ckpt)
         names = {p: name for name, p in model.named_parameters()}
         order = [names[p] for group in optimizer.param_groups for p in group["params"]]
@@ -268,3 +270,10 @@ class FSDP(ProcessGroup):
             )
         except (ValueError, KeyError, IndexError, RuntimeError) as e:
             raise checkpoint.optimizer_mismatch(ckpt, e) from None
+
+
+def _gather() -> Any:
+    """Gathered state goes to rank 0's CPU only: a full copy on every GPU is what FSDP avoids."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
