@@ -50,10 +50,10 @@ def test_every_command_picks_its_device_with_the_one_function() -> None:
     import gpt2kit.cli.eval
     import gpt2kit.cli.generate
     import gpt2kit.cli.serve
-    import gpt2kit.training.loop
     import gpt2kit.training.quickstart
+    import gpt2kit.training.run
 
-    assert gpt2kit.training.loop.pick_device is dev.pick_device
+    assert gpt2kit.training.run.pick_device is dev.pick_device
     assert gpt2kit.training.quickstart.pick_device is dev.pick_device
     for module in (gpt2kit.cli.generate, gpt2kit.cli.serve, gpt2kit.cli.eval):
         assert not hasattr(module, "pick_device") and not hasattr(module, "pick_dtype"), module

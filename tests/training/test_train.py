@@ -29,9 +29,10 @@ from gpt2kit.errors import ConfigError
 from gpt2kit.tokenizer.tokenizer import Tokenizer
 from gpt2kit.training.checkpoint import checkpoint_dirs, latest_checkpoint
 from gpt2kit.training.config import TrainConfig
-from gpt2kit.training.loop import NonFiniteLossError, autocast_dtype, resume_config, train
+from gpt2kit.training.loop import NonFiniteLossError, resume_config, train
 from gpt2kit.training.metrics import read_metrics
 from gpt2kit.training.optim import adamw_groups
+from gpt2kit.training.run import autocast_dtype
 from train_helpers import config, make_data, tiny_args
 
 

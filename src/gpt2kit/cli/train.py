@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from typing import Any
+
+from gpt2kit.training.config import TrainConfig, toml_value
 
 EXAMPLE = """examples:
   gpt2kit train --data data/shakespeare --out runs/shk --set n_layer=4 --set n_embd=256 --max-steps 2000
@@ -17,13 +20,6 @@ EXAMPLE = """examples:
   torchrun --nproc_per_node 8 -m gpt2kit train --data data/owt --out runs/xl --set parallel=fsdp --set init_from=scratch:gpt2-xl
 
   gpt2kit train --data data/shakespeare --out runs/m --set optimizer=muon --set schedule=wsd --set max_minutes=5
-
-keys (--set key=value, or in the TOML file): see docs/training.md; e.g. n_layer n_head n_embd
-block_size dropout batch_size grad_accum max_steps max_minutes optimizer lr schedule min_lr
-warmup_steps decay_fraction weight_decay beta1 beta2 muon_lr muon_momentum muon_nesterov
-muon_ns_steps muon_weight_decay muon_adjust_lr_fn grad_clip eval_interval eval_iters
-log_interval ckpt_interval keep_last seed device dtype compile init_from skip_nonfinite parallel
-threads
 """
 
 # Plain flags for the most used keys: flag name -> config key.
@@ -43,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "and, at the end, RUN_DIR/final/ (a model directory for gpt2kit generate / transformers). "
             "Ctrl-C saves a checkpoint; --resume continues bit-for-bit."
         ),
-        epilog=EXAMPLE,
+        epilog=EXAMPLE + "\n" + keys_help(),
         formatter_class=HelpFormatter,
     )
     p.add_argument("--data", help="prepared data directory (gpt2kit prepare --out DIR)")
@@ -64,24 +60,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def keys_help(width: int = 100) -> str:
+    """The --set keys with their defaults and help, from TrainConfig's fields."""
+    settings = [(f"{key} = {toml_value(default)}", help) for key, default, help in TrainConfig.settings()]
+    column = 2 + max(len(setting) for setting, _ in settings) + 2
+    lines = ["keys (--set key=value, or key = value lines in --config FILE.toml; docs/training.md has more):"]
+    for setting, help in settings:
+        first = f"  {setting}".ljust(column)
+        lines += textwrap.wrap(
+            help, width, initial_indent=first, subsequent_indent=" " * column, break_on_hyphens=False
+        )
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     from gpt2kit.errors import ConfigError
-    from gpt2kit.training.config import TrainConfig
     from gpt2kit.training.loop import resume_config, train
 
     overrides = list(args.overrides)
-    overrides += [f"{key}={_toml(getattr(args, key))}" for key in FLAGS if getattr(args, key) is not None]
+    overrides += [
+        f"{key}={toml_value(getattr(args, key))}" for key in FLAGS if getattr(args, key) is not None
+    ]
     if args.resume:
         if args.out or args.config:
             raise ConfigError("--resume continues a run with its saved config.toml; drop --out/--config")
         if args.data:
-            overrides.append(f"data={_toml(args.data)}")
+            overrides.append(f"data={toml_value(args.data)}")
         cfg = resume_config(args.resume, overrides)
         run_dir = args.resume
     else:
         if not args.data or not args.out:
             raise ConfigError("pass --data DATA_DIR and --out RUN_DIR (or --resume RUN_DIR)")
-        cfg = TrainConfig.load(args.config, overrides=[*overrides, f"data={_toml(args.data)}"])
+        cfg = TrainConfig.load(args.config, overrides=[*overrides, f"data={toml_value(args.data)}"])
         run_dir = args.out
 
     if os.environ.get("RANK", "0") == "0":
@@ -154,12 +164,6 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _toml(value: object) -> str:
-    import json
-
-    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def _duration(seconds: float) -> str:

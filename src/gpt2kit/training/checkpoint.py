@@ -12,7 +12,7 @@
 A checkpoint is assembled in a hidden temporary directory, every file fsynced, then renamed
 into place, so a crash at any moment leaves the previous checkpoints intact. On load each
 candidate is checked against its manifest; a damaged one is skipped with a warning.
-FSDP training writes the same files: fsdp.py gathers the full state onto rank 0 first.
+FSDP training writes the same files: parallel.py gathers the full state onto rank 0 first.
 
 >>> ckpt = latest_checkpoint("runs/shakespeare")  # doctest: +SKIP
 >>> ckpt.step, ckpt.path.name
@@ -106,7 +106,7 @@ def save_checkpoint(
     """Write RUN_DIR/ckpt-{step}, point `latest` (and `best`) at it, prune old ones.
 
     `optimizer` is the optimizer or its full `state_dict()` (parameters keyed by index, as
-    FSDP training gathers it: fsdp.py). `state` is JSON data (step, config, data position,
+    FSDP training gathers it: parallel.py). `state` is JSON data (step, config, data position,
     best val loss ...); optimizer and RNG states are added here. Returns the checkpoint's path.
     """
     run_dir = Path(run_dir)
@@ -225,9 +225,14 @@ def restore_optimizer(optimizer: Optimizers, ckpt: RunCheckpoint) -> None:
     try:
         optimizer.load_state_dict(saved)
     except (ValueError, KeyError) as e:
-        raise CheckpointError(
-            f"{ckpt.path}: optimizer state doesn't fit this model ({e}); resume with the run's own config"
-        ) from None
+        raise optimizer_mismatch(ckpt, e) from None
+
+
+def optimizer_mismatch(ckpt: RunCheckpoint, problem: Exception) -> CheckpointError:
+    """The error for a saved optimizer state that doesn't fit the optimizer built for this run."""
+    return CheckpointError(
+        f"{ckpt.path}: optimizer state doesn't fit this model ({problem}); resume with the run's own config"
+    )
 
 
 def restore_rng(ckpt: RunCheckpoint) -> None:

@@ -37,6 +37,11 @@ SCHEDULE_ALIASES = {"trapezoidal": "wsd"}  # the other name of warmup-stable-dec
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
 
 
+def _key(default: Any, help: str) -> Any:
+    """A setting with its default and its one-line help (`gpt2kit train --help` lists them)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Training settings (nanoGPT's names where they exist). Sizes are per optimizer step.
@@ -47,49 +52,55 @@ class TrainConfig:
     """
 
     # data and model
-    data: str = ""  # prepared data directory (gpt2kit prepare)
-    init_from: str = "scratch"  # "scratch", "scratch:gpt2" (a preset's shape), or a model dir / hub id
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    block_size: int = 256
-    dropout: float = 0.0
+    data: str = _key("", "prepared data directory (gpt2kit prepare; --data)")
+    init_from: str = _key(
+        "scratch",
+        "scratch, scratch:PRESET (a preset's shape, e.g. scratch:gpt2), or a model dir / hub id to fine-tune",
+    )
+    n_layer: int = _key(6, "transformer blocks (from scratch)")
+    n_head: int = _key(6, "attention heads (from scratch)")
+    n_embd: int = _key(384, "embedding width (from scratch)")
+    block_size: int = _key(256, "context length trained on")
+    dropout: float = _key(0.0, "embedding, attention and residual dropout")
     # optimisation
-    batch_size: int = 12  # sequences per micro-step per process
-    grad_accum: int = 1  # micro-steps per optimizer step, summed over all processes
-    max_steps: int = 2000
-    max_minutes: float = 0.0  # a time budget: the schedule ends when it does (or at max_steps); 0: none
-    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' matrices, AdamW for the rest
-    lr: float = 6e-4  # AdamW's peak lr (with optimizer="muon": of embeddings, LayerNorms, biases)
-    schedule: str = "cosine"  # after warmup: "cosine" to min_lr, or "wsd": constant, then linear to 0
-    min_lr: float = -1.0  # end of the cosine decay; negative means lr / 10
-    warmup_steps: int = 100
-    decay_fraction: float = 0.4  # wsd: the last fraction of the budget spent decaying to 0
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    batch_size: int = _key(12, "sequences per micro-step per process")
+    grad_accum: int = _key(1, "micro-steps per optimizer step, summed over all processes")
+    max_steps: int = _key(2000, "optimizer steps")
+    max_minutes: float = _key(0.0, "a time budget: the schedule ends when it does (or at max_steps); 0: none")
+    optimizer: str = _key("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest")
+    lr: float = _key(6e-4, "AdamW's peak lr (with optimizer=muon: of embeddings, LayerNorms, biases)")
+    schedule: str = _key("cosine", "after warmup: cosine to min_lr, or wsd: constant, then linear to 0")
+    min_lr: float = _key(-1.0, "end of the cosine decay; negative means lr / 10")
+    warmup_steps: int = _key(100, "steps of linear warmup")
+    decay_fraction: float = _key(0.4, "wsd: the last fraction of the budget spent decaying to 0")
+    weight_decay: float = _key(0.1, "AdamW's weight decay, on >= 2-D parameters only")
+    beta1: float = _key(0.9, "AdamW's beta1")
+    beta2: float = _key(0.95, "AdamW's beta2")
     # Muon (optimizer="muon"): torch.optim.Muon on the blocks' c_attn, c_proj, c_fc weights
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
-    muon_ns_steps: int = 5  # Newton-Schulz iterations
-    muon_weight_decay: float = 0.0  # decoupled: each step multiplies the weights by 1 - muon_lr * this
-    muon_adjust_lr_fn: str = "original"  # "original": lr x sqrt(max(1, rows/cols)); or "match_rms_adamw"
-    grad_clip: float = 1.0  # 0 disables clipping
-    skip_nonfinite: bool = False  # skip steps with a NaN/inf loss instead of stopping
+    muon_lr: float = _key(0.02, "Muon's peak lr")
+    muon_momentum: float = _key(0.95, "Muon's momentum")
+    muon_nesterov: bool = _key(True, "Nesterov momentum for Muon")
+    muon_ns_steps: int = _key(5, "Newton-Schulz iterations per Muon step")
+    muon_weight_decay: float = _key(0.0, "decoupled: each step multiplies the weights by 1 - muon_lr * this")
+    muon_adjust_lr_fn: str = _key("original", "original: lr x sqrt(max(1, rows/cols)); or match_rms_adamw")
+    grad_clip: float = _key(1.0, "clip the global gradient norm at this; 0 disables clipping")
+    skip_nonfinite: bool = _key(False, "skip steps with a NaN/inf loss instead of stopping")
     # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    ckpt_interval: int = 500
-    keep_last: int = 2  # checkpoints kept besides the best one
+    eval_interval: int = _key(250, "estimate train/val loss every N steps")
+    eval_iters: int = _key(20, "batches per loss estimate")
+    log_interval: int = _key(10, "a metrics record every N steps")
+    ckpt_interval: int = _key(500, "a checkpoint every N steps (and at the end)")
+    keep_last: int = _key(2, "checkpoints kept besides the best one")
     # system
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"  # auto: bfloat16 autocast on GPUs and CPUs with native bf16, else float32
-    compile: bool = False
-    parallel: str = "ddp"  # with several processes: "ddp" (replicas) or "fsdp" (sharded)
-    threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+    seed: int = _key(1337, "weights, dropout and data order")
+    device: str = _key("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = _key(
+        "auto",
+        "auto: bfloat16 autocast where the device has native bf16, else float32; or float32, bfloat16, float16",
+    )
+    compile: bool = _key(False, "torch.compile the model")
+    parallel: str = _key("ddp", "with several processes: ddp (replicas) or fsdp (sharded)")
+    threads: int = _key(0, "CPU threads for torch; 0 keeps torch's default")
 
     def __post_init__(self) -> None:
         self.schedule = SCHEDULE_ALIASES.get(self.schedule, self.schedule)
@@ -133,11 +144,16 @@ class TrainConfig:
         """The config as TOML text that `load` reads back to an equal config."""
         lines = ["# gpt2kit train configuration (resolved; `gpt2kit train --config` reads it)"]
         for key, value in self.to_dict().items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
         return "\n".join(lines) + "\n"
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def settings(cls) -> list[tuple[str, Any, str]]:
+        """(key, default, help) of every setting, in the order of the class."""
+        return [(f.name, f.default, f.metadata["help"]) for f in dataclasses.fields(cls)]
 
     # --- checks ---------------------------------------------------------------------------
 
@@ -235,7 +251,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """`value` as TOML text (what `parse_override` and TOML files read back)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

@@ -10,7 +10,7 @@ Newton-Schulz iterations), AdamW as above on the embeddings (`wte`, tied to the 
 
 `Optimizers` steps them together and has one `state_dict()` in the layout of a single
 torch optimizer (parameters numbered group by group, Muon's first), which is what the run
-checkpoints store (runcheckpoint.py) and fsdp.py gathers and scatters.
+checkpoints store (checkpoint.py) and parallel.py gathers and scatters for FSDP.
 
 >>> opt = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))  # doctest: +SKIP
 >>> opt.set_lr_scale(0.5)  # every group at half its peak lr  # doctest: +SKIP

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpt2kit.data.shards import TokenData, read_meta
 from gpt2kit.device import pick_device
@@ -30,6 +30,10 @@ from gpt2kit.errors import ConfigError, Gpt2kitError
 from gpt2kit.training.checkpoint import checkpoint_dirs
 from gpt2kit.training.config import TrainConfig
 from gpt2kit.training.loop import train
+
+if TYPE_CHECKING:
+    from gpt2kit.model import GPT2
+    from gpt2kit.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +143,7 @@ def quickstart(
     `inputs` and `tokenizer` are `prepare`'s; `overrides` change TrainConfig keys of the
     chosen model (tests use a small text, a small BPE and a tiny model).
     """
-    from gpt2kit.data.prepare import prepare
     from gpt2kit.evals.split_loss import split_loss
-    from gpt2kit.generation.generate import generate
     from gpt2kit.model import GPT2
 
     stage = on_stage or (lambda msg: log.info("%s", msg))
@@ -155,34 +157,10 @@ def quickstart(
         raise ConfigError(f"--minutes must be > 0 (got {minutes}), or pass --max-steps")
     device = str(pick_device(device))  # a bad --device fails here, before any work
 
-    data_dir = out / "data"
-    if _prepared(data_dir, inputs, tokenizer):
-        stage(f"1/4 data: reusing {data_dir}")
-    else:
-        stage(f"1/4 data: {', '.join(inputs)} -> a new {tokenizer} byte-level BPE -> {data_dir}")
-        shutil.rmtree(data_dir, ignore_errors=True)
-        prepare(list(inputs), data_dir, tokenizer=tokenizer, val_fraction=VAL_FRACTION, progress=True)
-    data = TokenData.open(data_dir)
-    splits = data.meta["splits"]
-    stage(
-        f"    {splits['train']['tokens']:,} train tokens, {splits['val']['tokens']:,} val tokens, "
-        f"vocabulary {data.n_vocab}"
+    data = _data(out / "data", inputs, tokenizer, stage)
+    cfg, length = _plan(
+        data.path, device=device, minutes=minutes, max_steps=max_steps, overrides=overrides, stage=stage
     )
-
-    if max_steps is None:
-        cfg = quickstart_config(data_dir, device=device, max_steps=1000, minutes=minutes)
-        cfg = cfg.replace(**(overrides or {}))
-        stage(f"2/4 timing a few steps on {device} to fit {minutes:g} minutes of training")
-        # The schedule follows the clock and ends the run when the minutes are up; max_steps
-        # (a fifth above the estimate, in case the machine gets faster) only caps it.
-        estimate = calibrate_steps(cfg, 60 * minutes)
-        max_steps = int(1.2 * estimate)
-        length = f"{minutes:g} minutes (about {estimate} steps)"
-    else:
-        minutes = 0.0  # --max-steps: exactly that many steps, whatever the time
-        length = f"{max_steps} steps"
-    cfg = quickstart_config(data_dir, device=device, max_steps=max_steps, minutes=minutes)
-    cfg = TrainConfig.from_dict({**cfg.to_dict(), **(overrides or {})}, source="quickstart overrides")
     stage(
         f"3/4 training a GPT-2 (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, block {cfg.block_size}) "
         f"for {length} into {out}"
@@ -197,17 +175,9 @@ def quickstart(
     stage("4/4 scoring the whole val split and sampling")
     model = GPT2.from_pretrained(result.final_dir, device=device)
     scores = split_loss(model, data, "val", block_size=cfg.block_size)
-    tokenizer = data.tokenizer()
-    samples = {}
-    for i, prompt in enumerate(PROMPTS):
-        ids = tokenizer.encode_ordinary(prompt)
-        new = min(160, model.config.n_positions - len(ids))
-        out_ids = generate(model, [ids], max_new_tokens=new, temperature=0.8, top_k=40, seed=i)[0]
-        text = tokenizer.decode(out_ids[: len(out_ids) - (out_ids[-1] == tokenizer.eot_token)])
-        samples[prompt] = text
     return QuickstartResult(
         run_dir=out,
-        data_dir=data_dir,
+        data_dir=data.path,
         final_dir=result.final_dir,
         device=device,
         steps=result.step,
@@ -215,9 +185,69 @@ def quickstart(
         val_loss=scores["loss"],
         bits_per_byte=scores["bits_per_byte"],
         val_tokens=scores["tokens"],
-        samples=samples,
+        samples=_samples(model, data.tokenizer()),
         config=cfg,
     )
+
+
+def _data(data_dir: Path, inputs: tuple[str, ...], tokenizer: str, stage: Callable[[str], None]) -> TokenData:
+    """Step 1: the prepared data, reused when `data_dir` already holds it."""
+    from gpt2kit.data.prepare import prepare
+
+    if _prepared(data_dir, inputs, tokenizer):
+        stage(f"1/4 data: reusing {data_dir}")
+    else:
+        stage(f"1/4 data: {', '.join(inputs)} -> a new {tokenizer} byte-level BPE -> {data_dir}")
+        shutil.rmtree(data_dir, ignore_errors=True)
+        prepare(list(inputs), data_dir, tokenizer=tokenizer, val_fraction=VAL_FRACTION, progress=True)
+    data = TokenData.open(data_dir)
+    splits = data.meta["splits"]
+    stage(
+        f"    {splits['train']['tokens']:,} train tokens, {splits['val']['tokens']:,} val tokens, "
+        f"vocabulary {data.n_vocab}"
+    )
+    return data
+
+
+def _plan(
+    data_dir: Path,
+    *,
+    device: str,
+    minutes: float,
+    max_steps: int | None,
+    overrides: dict[str, Any] | None,
+    stage: Callable[[str], None],
+) -> tuple[TrainConfig, str]:
+    """Step 2: the config to train and its length in words (timing a few steps for a time budget)."""
+    if max_steps is None:
+        cfg = quickstart_config(data_dir, device=device, max_steps=1000, minutes=minutes)
+        cfg = cfg.replace(**(overrides or {}))
+        stage(f"2/4 timing a few steps on {device} to fit {minutes:g} minutes of training")
+        # The schedule follows the clock and ends the run when the minutes are up; max_steps
+        # (a fifth above the estimate, in case the machine gets faster) only caps it.
+        estimate = calibrate_steps(cfg, 60 * minutes)
+        max_steps = int(1.2 * estimate)
+        length = f"{minutes:g} minutes (about {estimate} steps)"
+    else:
+        minutes = 0.0  # --max-steps: exactly that many steps, whatever the time
+        length = f"{max_steps} steps"
+    cfg = quickstart_config(data_dir, device=device, max_steps=max_steps, minutes=minutes)
+    return TrainConfig.from_dict(
+        {**cfg.to_dict(), **(overrides or {})}, source="quickstart overrides"
+    ), length
+
+
+def _samples(model: GPT2, tokenizer: Tokenizer) -> dict[str, str]:
+    """Step 4: a continuation of each of PROMPTS."""
+    from gpt2kit.generation.generate import generate
+
+    samples = {}
+    for i, prompt in enumerate(PROMPTS):
+        ids = tokenizer.encode_ordinary(prompt)
+        new = min(160, model.config.n_positions - len(ids))
+        out_ids = generate(model, [ids], max_new_tokens=new, temperature=0.8, top_k=40, seed=i)[0]
+        samples[prompt] = tokenizer.decode(out_ids[: len(out_ids) - (out_ids[-1] == tokenizer.eot_token)])
+    return samples
 
 
 def _prepared(data_dir: Path, inputs: tuple[str, ...], tokenizer: str) -> bool:
