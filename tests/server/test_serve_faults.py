@@ -195,9 +195,12 @@ def test_a_slow_client_does_not_stall_the_others(server: Server) -> None:
         # The slow client can still read its whole stream, to the end.
         slow.settimeout(120)
         received = first
-        while not received.rstrip().endswith(b"data: [DONE]") and (chunk := slow.recv(1 << 16)):
+        # The body is chunked: it ends with the zero-length chunk, which may come in the same
+        # read as the last event or in a later one.
+        while not received.endswith(b"\r\n0\r\n\r\n") and (chunk := slow.recv(1 << 16)):
             received += chunk
-        assert received.rstrip().endswith(b"data: [DONE]")
+        assert received.endswith(b"\r\n0\r\n\r\n")
+        assert received[: -len(b"\r\n0\r\n\r\n")].rstrip().endswith(b"data: [DONE]")
     server.wait_idle()
 
 
