@@ -314,7 +314,7 @@ def _beam(args: argparse.Namespace, config, model, tokenizer) -> int:
     from gpt2kit.generation.textstream import TextStream
 
     ids = encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)
-    prompt = fit_prompt(model, ids, config.max_new_tokens)  # where the new tokens start
+    prompt = fit_prompt(model, ids, config.max_new_tokens, tokenizer=tokenizer)  # where the new tokens start
     eos = eos_id(model, tokenizer)
     t0 = time.perf_counter()
     out = generate(

@@ -22,7 +22,7 @@ from gpt2kit.errors import ConfigError
 from gpt2kit.generation.beam import beam_search
 from gpt2kit.generation.config import SamplingConfig
 from gpt2kit.generation.engine import Engine, Row, step_for
-from gpt2kit.generation.prompts import fit_prompt, left_pad, prompt_list, token_ids, unpad
+from gpt2kit.generation.prompts import eos_id, fit_prompt, left_pad, pad_id, prompt_list, token_ids, unpad
 from gpt2kit.model.gpt2 import GPT2
 
 Prompts = Tensor | Sequence[Sequence[int]]
@@ -73,7 +73,7 @@ def generate(
     config = SamplingConfig.build(config, **options)
     if config.stop or config.logprobs is not None:
         raise ConfigError("stop and logprobs work on text: use complete(model, tokenizer, ...) for them")
-    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = eos_id(model) if eos_token_id is None else eos_token_id
     as_list = not isinstance(input_ids, Tensor)
     if as_list:
         if attention_mask is not None:
@@ -108,7 +108,7 @@ def generate(
     W, T = max(len(p) for p in prompts), input_ids.shape[1]
     head = input_ids[:, T - W :].cpu() if W <= T else left_pad(prompts, eos)[0]
     width = max((len(t) for t in new), default=0)
-    out = torch.full((len(new), W + width), eos if eos >= 0 else 0, dtype=torch.long)
+    out = torch.full((len(new), W + width), pad_id(eos), dtype=torch.long)
     out[:, :W] = head.repeat_interleave(config.n, dim=0)
     for r, tokens in enumerate(new):
         out[r, W : W + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
