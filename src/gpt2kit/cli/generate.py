@@ -27,7 +27,7 @@ EXAMPLE = r"""examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
-    from gpt2kit.cli._common import add_flags
+    from gpt2kit.cli._common import add_flags, add_model_flag
 
     p = sub.add_parser(
         "generate",
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True, help="model directory or Hugging Face hub id (e.g. gpt2)")
+    add_model_flag(p)
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument(
         "--allow-special",
@@ -206,15 +206,14 @@ def _check_combinations(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit.cli._common import load
-    from gpt2kit.device import pick_device
+    from gpt2kit.cli._common import load, pick
     from gpt2kit.model.checkpoint import load_tokenizer
 
     config = check_args(args)
-    pick_device(args.device)  # a bad --device fails before the tokenizer loads
+    picks = pick(args)  # a bad --device fails before the tokenizer loads
     tokenizer = load_tokenizer(args.model)
     encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)  # fails before any output
-    model, device = load(args)
+    model, device = load(args, picks)
     if args.compile:
         prepare_compiled_step(model, rows=max(config.n, args.num_beams))
     if args.interactive:
