@@ -6,9 +6,9 @@ import argparse
 import sys
 
 EXAMPLE = """examples:
-  gpt2kit quickstart                          # ~5 minutes of training on a CPU, then samples
+  gpt2kit quickstart                          # 5 minutes of training (--minutes), then samples
   gpt2kit quickstart --minutes 2 --out runs/qs2
-  gpt2kit quickstart --max-steps 20 --out /tmp/qs   # a smoke test: about a minute
+  gpt2kit quickstart --max-steps 20 --out /tmp/qs   # a smoke test: 20 steps
 """
 
 

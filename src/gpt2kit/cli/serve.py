@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="the compiled decode step, built (first time: minutes, with progress) or loaded at start-up, "
+        help="the compiled decode step, built (the first time, with progress; benchmarks/README.md times it) "
+        "or loaded at start-up, "
         "before the server answers; by default used when it can be built (needs a C++ compiler), else the "
         "server decodes eagerly; --compile makes a failed build an error, --no-compile skips it",
     )
