@@ -356,23 +356,42 @@ class Guard:
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
         declared = int(length) if length is not None and length.isdigit() else None
-        if self.api_key and scope["path"].startswith(PROTECTED):
-            given = headers.get(b"authorization", b"")
-            expected = f"Bearer {self.api_key}".encode()
-            if not hmac.compare_digest(given, expected):
-                what = "missing" if not given else "wrong"
-                err = APIError(
-                    401,
-                    f"API key {what}; send the header 'Authorization: Bearer <key>'",
-                    type="invalid_request_error",
-                    code="invalid_api_key",
-                    headers={"Connection": "close"},
-                )
-                # A body the key would have allowed is read first, for the reason above.
-                if declared is None or declared <= self.max_body_bytes:
-                    await _drain(receive, limit=self.max_body_bytes)
-                await _json_error(err)(scope, receive, send)
-                return
+        err = await self._check_key(scope["path"], headers, declared, receive)
+        body = None
+        if err is None:
+            read = await self._read_body(receive, declared)
+            if read is None:
+                return  # the client left
+            err = read if isinstance(read, APIError) else _utf8_error(read)
+            body = read
+        if err is not None:
+            await _json_error(err)(scope, receive, send)
+            return
+        assert isinstance(body, bytes)
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _check_key(
+        self, path: str, headers: dict[bytes, bytes], declared: int | None, receive: Receive
+    ) -> APIError | None:
+        """The 401 for a protected path without the right key (None: go on)."""
+        if not self.api_key or not path.startswith(PROTECTED):
+            return None
+        given = headers.get(b"authorization", b"")
+        if hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+            return None
+        # A body the key would have allowed is read first, for the reason above.
+        if declared is None or declared <= self.max_body_bytes:
+            await _drain(receive, limit=self.max_body_bytes)
+        return APIError(
+            401,
+            f"API key {'missing' if not given else 'wrong'}; send the header 'Authorization: Bearer <key>'",
+            type="invalid_request_error",
+            code="invalid_api_key",
+            headers={"Connection": "close"},
+        )
+
+    async def _read_body(self, receive: Receive, declared: int | None) -> bytes | APIError | None:
+        """The whole body; or the 413, once the rest is drained; or None when the client left."""
         too_big = APIError(
             413,
             f"request body exceeds {self.max_body_bytes} bytes; send a smaller request",
@@ -382,40 +401,44 @@ class Guard:
         if declared is not None and declared > self.max_body_bytes:
             if declared <= self.max_drain_bytes:
                 await _drain(receive, limit=self.max_drain_bytes)
-            await _json_error(too_big)(scope, receive, send)
-            return
+            return too_big
         chunks: list[bytes] = []
         size = 0
         more = True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_body_bytes:
                 if more:
                     await _drain(receive, limit=self.max_drain_bytes - size)
-                await _json_error(too_big)(scope, receive, send)
-                return
-        body = b"".join(chunks)
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            err = APIError(400, f"request body is not valid UTF-8 (byte {e.start}); send UTF-8 JSON")
-            await _json_error(err)(scope, receive, send)
-            return
-        replayed = False
+                return too_big
+        return b"".join(chunks)
 
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # later calls wait for the client to disconnect
 
-        await self.app(scope, replay, send)
+def _utf8_error(body: bytes) -> APIError | None:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return APIError(400, f"request body is not valid UTF-8 (byte {e.start}); send UTF-8 JSON")
+    return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the app the body already read, then waits on the client's."""
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # later calls wait for the client to disconnect
+
+    return replay  # type: ignore[return-value]
 
 
 async def _drain(receive: Receive, *, limit: int) -> None:
