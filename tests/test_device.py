@@ -48,7 +48,7 @@ def test_auto_device_is_cuda_then_mps_then_cpu(machine, cuda: bool, mps: bool, e
 
 
 def test_every_command_picks_its_device_with_the_one_function() -> None:
-    # generate, serve and eval load through cli._model.load; train and the quick start call
+    # generate, serve and eval decide through cli._common.pick; train and the quick start call
     # pick_device themselves: the same function, so `auto` (MPS included) means one thing.
     import gpt2kit.cli.eval
     import gpt2kit.cli.generate
@@ -209,3 +209,22 @@ def test_cpu_probes_agree_with_the_kernel() -> None:
             break
     assert (dev.cpu_bf16() is not None) == bool(flags & {"avx512_bf16", "amx_bf16"})
     assert (dev.cpu_int8() is not None) == bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def test_no_module_asks_torch_for_the_device_or_compares_device_names() -> None:
+    """The probes above are the only places that ask torch about the machine, and every
+    decision reads `device.type`: a name compared with "cuda" gave `cuda:0` float32 once.
+    (training/ is checked by its own tests.)"""
+    import re
+
+    package = Path(dev.__file__).parent
+    asks = re.compile(r"torch\.cuda\.is_available\(\)|torch\.backends\.mps\.is_available\(\)")
+    compares = re.compile(r"""(device|name)\s*[!=]=\s*["'](cuda|mps|cpu)["']""")
+    found = [
+        f"{path.relative_to(package)}:{n}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        if path != Path(dev.__file__) and "training" not in path.relative_to(package).parts
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if asks.search(line) or compares.search(line)
+    ]
+    assert not found, found
