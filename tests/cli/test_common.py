@@ -65,3 +65,30 @@ def test_a_bad_device_is_the_same_one_line_error_before_the_model_loads(
     assert_clean_error(
         code, err, command[0], "--device tpu: unknown device; use cpu, cuda, cuda:N, mps or auto"
     )
+
+
+def test_every_sampling_field_is_a_generate_flag_of_its_name(capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from gpt2kit.generation.config import SamplingConfig
+
+    generate = commands()["generate"]
+    for field in dataclasses.fields(SamplingConfig):
+        action = flag(generate, "--" + field.name.replace("_", "-"))
+        assert action.dest == field.name
+    # A SamplingConfig error names the flag (cli._common.flag_error), before anything loads.
+    code, _, err = run_main(capsys, "generate", "--model", "no/such-model", "--no-repeat-ngram-size", "-1")
+    assert_clean_error(code, err, "generate", "--no-repeat-ngram-size ")
+    code, _, err = run_main(
+        capsys,
+        "eval",
+        "--model",
+        "no/such-model",
+        "--task",
+        "generate",
+        "--data",
+        "qa_sample",
+        "--temperature",
+        "-1",
+    )
+    assert_clean_error(code, err, "eval", "--temperature must be")

@@ -1,7 +1,8 @@
 """The flags every command that loads a model shares, declared once: --model (`add_model_flag`),
---device, --dtype and --quantize (`add_flags`; --device alone: `add_device_flag`); and the one
+--device, --dtype and --quantize (`add_flags`; --device alone: `add_device_flag`); the one
 load that reads them (`pick`, then `load`), saying on stderr what `auto` and `int8` picked on
-this machine. The choices themselves are `gpt2kit.device`'s and `gpt2kit.model.quantize`'s.
+this machine (the choices themselves are `gpt2kit.device`'s and `gpt2kit.model.quantize`'s);
+and `flag_error`, a SamplingConfig error under its flag's name.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # only for annotations: `gpt2kit --help` must not import torch
     import torch
 
+    from gpt2kit.errors import ConfigError
+    from gpt2kit.generation.config import SamplingError
     from gpt2kit.model.gpt2 import GPT2
 
 # gpt2kit.device.DTYPE_CHOICES and gpt2kit.model.quantize.METHODS, spelled out so that `--help`
@@ -49,6 +52,14 @@ def add_flags(p: argparse.ArgumentParser, *, dtype_default: str = "auto") -> Non
         "--dtype", default=dtype_default, choices=DTYPE_CHOICES, help=f"weights and compute; {AUTO_DTYPE}"
     )
     p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+
+
+def flag_error(e: SamplingError) -> ConfigError:
+    """A SamplingConfig error as the CLI says it: the field's flag (`--max-new-tokens` for
+    max_new_tokens: every sampling flag is its field's name), then the problem."""
+    from gpt2kit.errors import ConfigError
+
+    return ConfigError(f"--{e.field.replace('_', '-')} {e.message}")
 
 
 @dataclass(frozen=True)

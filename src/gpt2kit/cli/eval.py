@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Bounds of the numeric flags, and no flag the chosen task would silently ignore."""
+    from gpt2kit.cli._common import flag_error
     from gpt2kit.errors import ConfigError
     from gpt2kit.generation.config import SamplingConfig, SamplingError
 
@@ -165,7 +166,7 @@ def check_flags(args: argparse.Namespace) -> None:
     try:
         SamplingConfig(temperature=args.temperature)
     except SamplingError as e:
-        raise ConfigError(f"--{e.field} {e.message}") from None
+        raise flag_error(e) from None
     if args.task == "perplexity":
         given = [flag for flag, attr in JSONL_ONLY if getattr(args, attr) is not None]
         if given:

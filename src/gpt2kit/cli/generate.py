@@ -124,40 +124,24 @@ def unescape(text: str) -> str:
     return _ESCAPE.sub(one, text)
 
 
-# SamplingConfig's fields under their flag names: the one place the CLI translates them.
-FLAGS = {"n": "--n", "logit_bias": "--logit-bias", "stop": "--stop"}
-
-
 def sampling_config(args: argparse.Namespace):
-    """The sampling flags as one SamplingConfig; its errors name the flag (ConfigError)."""
-    from gpt2kit.errors import ConfigError
+    """The sampling flags (one per SamplingConfig field, same name) as one SamplingConfig; its
+    errors name the flag (ConfigError)."""
+    import dataclasses
+
+    from gpt2kit.cli._common import flag_error
     from gpt2kit.generation.config import SamplingConfig, SamplingError
 
     options = {
-        name: getattr(args, name)
-        for name in (
-            "max_new_tokens",
-            "temperature",
-            "top_k",
-            "top_p",
-            "min_p",
-            "repetition_penalty",
-            "presence_penalty",
-            "frequency_penalty",
-            "no_repeat_ngram_size",
-            "stop",
-            "n",
-            "seed",
-            "logprobs",
-        )
-        if getattr(args, name, None) is not None
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SamplingConfig)
+        if f.name != "logit_bias" and getattr(args, f.name, None) is not None
     }
     try:
         options["logit_bias"] = _logit_bias(getattr(args, "logit_bias", None) or [])
         return SamplingConfig(**options)
     except SamplingError as e:
-        flag = FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
-        raise ConfigError(f"{flag} {e.message}") from None
+        raise flag_error(e) from None
 
 
 def _logit_bias(items: list[str]) -> dict[int, float]:
