@@ -1,7 +1,7 @@
 """gpt2kit.device: one choice of device and dtype for every command.
 
-The hardware probes (`cuda_available`, `mps_available`, `cpu_bf16`, `cuda_bf16`, `mps_bf16`,
-`cpu_features`) are faked at their function boundary, so each rule is checked whatever
+The hardware probes (`cuda_available`, `cuda_device_count`, `mps_available`, `cpu_bf16`,
+`cuda_bf16`, `mps_bf16`, `cpu_features`) are faked at their function boundary, so each rule is checked whatever
 machine runs the tests; torch itself is never mocked.
 """
 
@@ -19,10 +19,13 @@ from gpt2kit.errors import ConfigError
 
 @pytest.fixture
 def machine(monkeypatch: pytest.MonkeyPatch):
-    """machine(cuda=..., mps=..., cpu_bf16=..., cuda_bf16=..., mps_bf16=...) sets what the probes say."""
+    """machine(cuda=..., gpus=..., mps=..., cpu_bf16=..., cuda_bf16=..., mps_bf16=...) sets what
+    the probes say (`gpus`: how many CUDA devices; default 1 with cuda, else 0)."""
 
-    def fake(*, cuda=False, mps=False, cpu_bf16=None, cuda_bf16=None, mps_bf16=None) -> None:
+    def fake(*, cuda=False, gpus=None, mps=False, cpu_bf16=None, cuda_bf16=None, mps_bf16=None) -> None:
+        count = (1 if cuda else 0) if gpus is None else gpus
         monkeypatch.setattr(dev, "cuda_available", lambda: cuda)
+        monkeypatch.setattr(dev, "cuda_device_count", lambda: count)
         monkeypatch.setattr(dev, "mps_available", lambda: mps)
         monkeypatch.setattr(dev, "cpu_bf16", lambda: cpu_bf16)
         monkeypatch.setattr(dev, "cuda_bf16", lambda device: cuda_bf16)
@@ -45,7 +48,7 @@ def test_auto_device_is_cuda_then_mps_then_cpu(machine, cuda: bool, mps: bool, e
 
 
 def test_every_command_picks_its_device_with_the_one_function() -> None:
-    # generate, serve and eval load through cli._model.load; train and the quick start call
+    # generate, serve and eval decide through cli._common.pick; train and the quick start call
     # pick_device themselves: the same function, so `auto` (MPS included) means one thing.
     import gpt2kit.cli.eval
     import gpt2kit.cli.generate
@@ -57,6 +60,18 @@ def test_every_command_picks_its_device_with_the_one_function() -> None:
     assert gpt2kit.training.quickstart.pick_device is dev.pick_device
     for module in (gpt2kit.cli.generate, gpt2kit.cli.serve, gpt2kit.cli.eval):
         assert not hasattr(module, "pick_device") and not hasattr(module, "pick_dtype"), module
+
+
+def test_cuda_n_is_a_cuda_device_checked_against_the_gpus_there(machine) -> None:
+    machine(cuda=True, gpus=2)
+    for name in ("cuda:0", "cuda:1"):
+        assert dev.pick_device(name) == torch.device(name)
+        assert dev.pick_device(name, local_rank=1) == torch.device(name), "an explicit index wins"
+    with pytest.raises(ConfigError, match=r"--device cuda:2: there are 2 CUDA GPUs \(cuda:0 to cuda:1\)"):
+        dev.pick_device("cuda:2")
+    machine(cuda=True, gpus=1)
+    with pytest.raises(ConfigError, match="there are 1 CUDA GPUs"):
+        dev.pick_device("cuda:1")
 
 
 def test_torchrun_puts_plain_cuda_on_the_local_gpu(machine) -> None:
@@ -97,6 +112,28 @@ def test_cuda_index_gets_what_cuda_gets(machine, native: str | None) -> None:
     for name in ("cuda", "cuda:0", "cuda:1"):
         assert dev.pick_dtype("auto", torch.device(name)) == expected, name
         assert dev.pick_dtype("auto", name) == expected, name
+
+
+@pytest.mark.parametrize("native", ["CUDA bf16", None])
+def test_the_cli_picks_for_cuda_n_what_it_picks_for_cuda(machine, native: str | None) -> None:
+    """generate, serve and eval decide through cli._common.pick: --device cuda:0 gets bf16
+    where cuda does (it got float32 when the rule compared the name with "cuda")."""
+    import argparse
+
+    from gpt2kit.cli._common import pick
+
+    machine(cuda=True, gpus=2, cuda_bf16=native)
+    picked = {}
+    for name in ("cuda", "cuda:0", "cuda:1"):
+        args = argparse.Namespace(device=name, dtype="auto", quantize="int8", command="serve", compile=None)
+        p = pick(args)
+        assert p.device == torch.device(name)
+        picked[name] = (p.dtype, p.quantize, tuple(n.replace(f"({name} has", "(GPU has") for n in p.notes))
+    assert picked["cuda:0"] == picked["cuda:1"] == picked["cuda"], picked
+    dtype, quantize, notes = picked["cuda"]
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert quantize == "int8-weight-only"  # the dynamic scheme is for CPUs
+    assert notes[0].startswith(f"[dtype auto: {'bfloat16' if native else 'float32'} (GPU has ")
 
 
 def test_auto_dtype_on_a_cpu_follows_its_bf16_instructions(machine) -> None:
@@ -172,3 +209,22 @@ def test_cpu_probes_agree_with_the_kernel() -> None:
             break
     assert (dev.cpu_bf16() is not None) == bool(flags & {"avx512_bf16", "amx_bf16"})
     assert (dev.cpu_int8() is not None) == bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def test_no_module_asks_torch_for_the_device_or_compares_device_names() -> None:
+    """The probes above are the only places that ask torch about the machine, and every
+    decision reads `device.type`: a name compared with "cuda" gave `cuda:0` float32 once.
+    (training/ is checked by its own tests.)"""
+    import re
+
+    package = Path(dev.__file__).parent
+    asks = re.compile(r"torch\.cuda\.is_available\(\)|torch\.backends\.mps\.is_available\(\)")
+    compares = re.compile(r"""(device|name)\s*[!=]=\s*["'](cuda|mps|cpu)["']""")
+    found = [
+        f"{path.relative_to(package)}:{n}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        if path != Path(dev.__file__) and "training" not in path.relative_to(package).parts
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if asks.search(line) or compares.search(line)
+    ]
+    assert not found, found

@@ -9,7 +9,9 @@ command. `auto` dtype: bfloat16 where the hardware computes it natively, else fl
 - Apple's MPS when it accepts bf16 (macOS 14 on).
 
 The hardware probes (`cpu_bf16`, `cpu_int8`, `cuda_bf16`, `mps_bf16`, `cuda_available`,
-`mps_available`) are plain functions, the only places that ask torch about the machine.
+`cuda_device_count`, `mps_available`) are plain functions, the only places that ask torch
+about the machine. Every decision reads `device.type`, never the name, so `cuda:0` and
+`cuda:1` are CUDA devices wherever `cuda` is.
 
 >>> pick_device("cpu")
 device(type='cpu')
@@ -35,6 +37,10 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
+
+
+def cuda_device_count() -> int:
+    return torch.cuda.device_count()
 
 
 def mps_available() -> bool:
@@ -139,7 +145,7 @@ def _check_cuda(device: torch.device, said: str, fix: str) -> None:
             f"{said}: no CUDA GPU is visible (torch.cuda.is_available() is False); "
             f"check the driver and CUDA_VISIBLE_DEVICES, or use {fix}"
         )
-    count = torch.cuda.device_count()
+    count = cuda_device_count()
     if device.index is not None and device.index >= count:
         raise ConfigError(f"{said}: there are {count} CUDA GPUs (cuda:0 to cuda:{count - 1})")
 

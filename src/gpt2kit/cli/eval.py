@@ -28,7 +28,7 @@ multiple_choice_sample.jsonl, qa_sample.jsonl, translate_sample.jsonl
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
-    from gpt2kit.cli._common import add_flags
+    from gpt2kit.cli._common import add_flags, add_model_flag
 
     p = sub.add_parser(
         "eval",
@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True, help="model directory or Hugging Face hub id (e.g. gpt2)")
+    add_model_flag(p)
     p.add_argument("--task", required=True, choices=TASKS, help="task kind")
     p.add_argument(
         "--data", required=True, help="text file (perplexity) or task file, or a bundled sample name"
@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Bounds of the numeric flags, and no flag the chosen task would silently ignore."""
+    from gpt2kit.cli._common import flag_error
     from gpt2kit.errors import ConfigError
     from gpt2kit.generation.config import SamplingConfig, SamplingError
 
@@ -165,7 +166,7 @@ def check_flags(args: argparse.Namespace) -> None:
     try:
         SamplingConfig(temperature=args.temperature)
     except SamplingError as e:
-        raise ConfigError(f"--{e.field} {e.message}") from None
+        raise flag_error(e) from None
     if args.task == "perplexity":
         given = [flag for flag, attr in JSONL_ONLY if getattr(args, attr) is not None]
         if given:

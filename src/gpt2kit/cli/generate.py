@@ -27,7 +27,7 @@ EXAMPLE = r"""examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
-    from gpt2kit.cli._common import add_flags
+    from gpt2kit.cli._common import add_flags, add_model_flag
 
     p = sub.add_parser(
         "generate",
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True, help="model directory or Hugging Face hub id (e.g. gpt2)")
+    add_model_flag(p)
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument(
         "--allow-special",
@@ -124,40 +124,24 @@ def unescape(text: str) -> str:
     return _ESCAPE.sub(one, text)
 
 
-# SamplingConfig's fields under their flag names: the one place the CLI translates them.
-FLAGS = {"n": "--n", "logit_bias": "--logit-bias", "stop": "--stop"}
-
-
 def sampling_config(args: argparse.Namespace):
-    """The sampling flags as one SamplingConfig; its errors name the flag (ConfigError)."""
-    from gpt2kit.errors import ConfigError
+    """The sampling flags (one per SamplingConfig field, same name) as one SamplingConfig; its
+    errors name the flag (ConfigError)."""
+    import dataclasses
+
+    from gpt2kit.cli._common import flag_error
     from gpt2kit.generation.config import SamplingConfig, SamplingError
 
     options = {
-        name: getattr(args, name)
-        for name in (
-            "max_new_tokens",
-            "temperature",
-            "top_k",
-            "top_p",
-            "min_p",
-            "repetition_penalty",
-            "presence_penalty",
-            "frequency_penalty",
-            "no_repeat_ngram_size",
-            "stop",
-            "n",
-            "seed",
-            "logprobs",
-        )
-        if getattr(args, name, None) is not None
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SamplingConfig)
+        if f.name != "logit_bias" and getattr(args, f.name, None) is not None
     }
     try:
         options["logit_bias"] = _logit_bias(getattr(args, "logit_bias", None) or [])
         return SamplingConfig(**options)
     except SamplingError as e:
-        flag = FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
-        raise ConfigError(f"{flag} {e.message}") from None
+        raise flag_error(e) from None
 
 
 def _logit_bias(items: list[str]) -> dict[int, float]:
@@ -206,15 +190,14 @@ def _check_combinations(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit.cli._common import load
-    from gpt2kit.device import pick_device
+    from gpt2kit.cli._common import load, pick
     from gpt2kit.model.checkpoint import load_tokenizer
 
     config = check_args(args)
-    pick_device(args.device)  # a bad --device fails before the tokenizer loads
+    picks = pick(args)  # a bad --device fails before the tokenizer loads
     tokenizer = load_tokenizer(args.model)
     encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)  # fails before any output
-    model, device = load(args)
+    model, device = load(args, picks)
     if args.compile:
         prepare_compiled_step(model, rows=max(config.n, args.num_beams))
     if args.interactive:
@@ -314,7 +297,7 @@ def _beam(args: argparse.Namespace, config, model, tokenizer) -> int:
     from gpt2kit.generation.textstream import TextStream
 
     ids = encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)
-    prompt = fit_prompt(model, ids, config.max_new_tokens)  # where the new tokens start
+    prompt = fit_prompt(model, ids, config.max_new_tokens, tokenizer=tokenizer)  # where the new tokens start
     eos = eos_id(model, tokenizer)
     t0 = time.perf_counter()
     out = generate(

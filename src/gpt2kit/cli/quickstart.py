@@ -6,14 +6,15 @@ import argparse
 import sys
 
 EXAMPLE = """examples:
-  gpt2kit quickstart                          # ~5 minutes of training on a CPU, then samples
+  gpt2kit quickstart                          # 5 minutes of training (--minutes), then samples
   gpt2kit quickstart --minutes 2 --out runs/qs2
-  gpt2kit quickstart --max-steps 20 --out /tmp/qs   # a smoke test: about a minute
+  gpt2kit quickstart --max-steps 20 --out /tmp/qs   # a smoke test: 20 steps
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
+    from gpt2kit.cli._common import add_device_flag
 
     p = sub.add_parser(
         "quickstart",
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/quickstart", help="run directory to create")
     p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
     p.add_argument("--max-steps", type=int, default=None, help="train exactly this many steps instead")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_device_flag(p)
     p.set_defaults(func=run)
 
 

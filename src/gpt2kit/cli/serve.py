@@ -17,7 +17,7 @@ EXAMPLE = """examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gpt2kit.cli import HelpFormatter
-    from gpt2kit.cli._common import add_flags
+    from gpt2kit.cli._common import add_flags, add_model_flag
 
     p = sub.add_parser(
         "serve",
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True, help="model directory or Hugging Face hub id (e.g. gpt2)")
+    add_model_flag(p)
     p.add_argument("--model-name", default=None, help="name clients use; None: --model's last part")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="the compiled decode step, built (first time: minutes, with progress) or loaded at start-up, "
+        help="the compiled decode step, built (the first time, with progress; benchmarks/README.md times it) "
+        "or loaded at start-up, "
         "before the server answers; by default used when it can be built (needs a C++ compiler), else the "
         "server decodes eagerly; --compile makes a failed build an error, --no-compile skips it",
     )

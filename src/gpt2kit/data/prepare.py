@@ -45,6 +45,7 @@ MIN_CHUNK_CHARS = 64
 # Texts handed to tiktoken per call: large enough to keep every thread busy.
 BATCH_CHARS = 8_000_000
 BATCH_DOCUMENTS = 4096
+SPLITS = ("train", "val")
 
 
 def prepare(
@@ -71,18 +72,10 @@ def prepare(
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [str(inputs)]
-    if not inputs:
-        raise DataError("no INPUT given; pass text files, folders, globs, 'shakespeare' or hf:NAME")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise ConfigError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    workers = workers or _cpu_count()
-    if workers < 1:
-        raise ConfigError(f"--workers must be >= 1 (or 0 for one per core), got {workers}")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder; pass a new or existing folder to --out")
+    workers = _check_options(
+        inputs, out, val_fraction=val_fraction, shard_tokens=shard_tokens, workers=workers
+    )
     kind, arg = parse_tokenizer_spec(tokenizer)
     corpora = [open_corpus(spec, field=field) for spec in inputs]  # fails fast on missing inputs
     start = time.perf_counter()
@@ -91,66 +84,24 @@ def prepare(
         return assign_splits(_documents(corpora), val_fraction=val_fraction, seed=seed)
 
     # Look at the first document before touching `out`: empty input must not cost the old data.
-    pairs = splits()
-    first = next(pairs, None)
-    if first is None:
-        raise DataError(f"{', '.join(inputs)}: no text found (the input is empty); check the INPUT paths")
-    pairs = itertools.chain([first], pairs)
-
+    pairs = _not_empty(splits(), inputs)
     if kind == "bpe":
-        from gpt2kit.tokenizer.bpe import train_bpe
-
-        with _progress_bar(corpora, "reading for BPE", progress) as bar:
-            train_texts = (text for split, text in _tracked(pairs, corpora, bar) if split == "train")
-            # The trainer's own bar is for terminals only: piped, it prints blank lines to stdout.
-            tok = train_bpe(train_texts, vocab_size=int(arg), show_progress=progress and sys.stdout.isatty())
+        tok = _train_tokenizer(pairs, corpora, vocab_size=int(arg), progress=progress)
         log.info("trained %s in %.1fs", tok, time.perf_counter() - start)
         pairs = splits()  # a second pass over the input for tokenizing
     else:
         tok = Tokenizer.gpt2() if kind == "gpt2" else Tokenizer.from_dir(arg)
 
-    eot = tok.eot_token
+    eot = tok.eot_token  # a tokenizer without <|endoftext|> fails here, before `out` changes
     dtype = token_data.dtype_for(tok.n_vocab)
     out.mkdir(parents=True, exist_ok=True)
     old_meta = _forget_previous(out)
     _remove_crash_leftovers(out)
-    writers = {
-        split: ShardWriter(out, split, dtype=dtype, shard_tokens=shard_tokens) for split in ("train", "val")
-    }
-    n_docs = 0
-    try:
-        with _progress_bar(corpora, "tokenizing", progress) as bar:
-            for batch in _batches(_tracked(pairs, corpora, bar)):
-                texts = [text for _, text in batch]
-                ids = tok.encoding.encode_ordinary_batch(texts, num_threads=workers)
-                n_docs += len(batch)
-                for split in ("train", "val"):
-                    docs = [d for (s, _), d in zip(batch, ids, strict=True) if s == split]
-                    if docs:
-                        writers[split].write(_join(docs, eot=eot, dtype=dtype), documents=len(docs))
-        for w in writers.values():
-            w.close()
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-
-    files = None
-    if kind != "gpt2":
-        files = "tokenizer"
-        tok.save(out / files)
-    elif (out / "tokenizer").is_dir() and (old_meta.get("tokenizer") or {}).get("files") == "tokenizer":
-        shutil.rmtree(out / "tokenizer")  # left by an earlier prepare with another tokenizer
-    replaced = sum(c.replaced_bytes for c in corpora)
+    writers = {split: ShardWriter(out, split, dtype=dtype, shard_tokens=shard_tokens) for split in SPLITS}
+    n_docs = _write_shards(pairs, corpora, tok, writers, eot=eot, workers=workers, progress=progress)
     meta: dict[str, Any] = {
         "dtype": dtype.name,
-        "tokenizer": {
-            "name": tok.name if kind != "dir" else Path(arg).resolve().name,
-            "n_vocab": tok.n_vocab,
-            "eot_token": eot,
-            "files": files,
-            "sha256": token_data.tokenizer_fingerprint(tok),
-        },
+        "tokenizer": _tokenizer_meta(out, tok, kind, arg, old_meta),
         "splits": {split: w.info() for split, w in writers.items()},
         "source": {
             "inputs": [c.describe() for c in corpora],
@@ -161,23 +112,120 @@ def prepare(
         "seed": seed,
         "val_fraction": val_fraction,
         "shard_tokens": shard_tokens,
-        "replaced_bytes": replaced,
+        "replaced_bytes": sum(c.replaced_bytes for c in corpora),
     }
     _remove_stale_shards(out, keep={f for w in writers.values() for f in w.files})
     token_data.write_meta(out, meta)
-    seconds = time.perf_counter() - start
+    _log_summary(out, meta, seconds=time.perf_counter() - start)
+    return token_data.read_meta(out)
+
+
+def _check_options(
+    inputs: list[str], out: Path, *, val_fraction: float, shard_tokens: int, workers: int | None
+) -> int:
+    """Refuse bad arguments before any work; returns the number of tokenizer threads."""
+    if not inputs:
+        raise DataError("no INPUT given; pass text files, folders, globs, 'shakespeare' or hf:NAME")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise ConfigError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    workers = workers or _cpu_count()
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1 (or 0 for one per core), got {workers}")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; pass a new or existing folder to --out")
+    return workers
+
+
+def _not_empty(pairs: Iterator[tuple[str, str]], inputs: list[str]) -> Iterator[tuple[str, str]]:
+    """`pairs` unchanged, once its first document is read: no document at all is an error."""
+    first = next(pairs, None)
+    if first is None:
+        raise DataError(f"{', '.join(inputs)}: no text found (the input is empty); check the INPUT paths")
+    return itertools.chain([first], pairs)
+
+
+def _train_tokenizer(
+    pairs: Iterable[tuple[str, str]], corpora: list[Corpus], *, vocab_size: int, progress: bool
+) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` tokens trained on the train split's documents."""
+    from gpt2kit.tokenizer.bpe import train_bpe
+
+    with _progress_bar(corpora, "reading for BPE", progress) as bar:
+        train_texts = (text for split, text in _tracked(pairs, corpora, bar) if split == "train")
+        # The trainer's own bar is for terminals only: piped, it prints blank lines to stdout.
+        return train_bpe(train_texts, vocab_size=vocab_size, show_progress=progress and sys.stdout.isatty())
+
+
+def _write_shards(
+    pairs: Iterable[tuple[str, str]],
+    corpora: list[Corpus],
+    tok: Tokenizer,
+    writers: dict[str, ShardWriter],
+    *,
+    eot: int,
+    workers: int,
+    progress: bool,
+) -> int:
+    """Tokenize the documents in batches into each split's shards, `eot` after each; returns
+    how many documents.
+
+    On any error (Ctrl-C too) the shard being written is dropped, so none is left half written.
+    """
+    n_docs = 0
+    try:
+        with _progress_bar(corpora, "tokenizing", progress) as bar:
+            for batch in _batches(_tracked(pairs, corpora, bar)):
+                texts = [text for _, text in batch]
+                ids = tok.encoding.encode_ordinary_batch(texts, num_threads=workers)
+                n_docs += len(batch)
+                for split, w in writers.items():
+                    docs = [d for (s, _), d in zip(batch, ids, strict=True) if s == split]
+                    if docs:
+                        w.write(_join(docs, eot=eot, dtype=w.dtype), documents=len(docs))
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return n_docs
+
+
+def _tokenizer_meta(
+    out: Path, tok: Tokenizer, kind: str, arg: str, old_meta: dict[str, Any]
+) -> dict[str, Any]:
+    """meta.json's "tokenizer", saving a trained or loaded tokenizer's files to out/tokenizer
+    (GPT-2's needs none: a folder an earlier prepare saved there is removed)."""
+    files = None
+    if kind != "gpt2":
+        files = "tokenizer"
+        tok.save(out / files)
+    elif (out / "tokenizer").is_dir() and (old_meta.get("tokenizer") or {}).get("files") == "tokenizer":
+        shutil.rmtree(out / "tokenizer")  # left by an earlier prepare with another tokenizer
+    return {
+        "name": tok.name if kind != "dir" else Path(arg).resolve().name,
+        "n_vocab": tok.n_vocab,
+        "eot_token": tok.eot_token,
+        "files": files,
+        "sha256": token_data.tokenizer_fingerprint(tok),
+    }
+
+
+def _log_summary(out: Path, meta: dict[str, Any], *, seconds: float) -> None:
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
     log.debug(
         "%s: %d train tokens (%d documents), %d val tokens (%d documents) in %.1fs",
         out,
-        meta["splits"]["train"]["tokens"],
-        meta["splits"]["train"]["documents"],
-        meta["splits"]["val"]["tokens"],
-        meta["splits"]["val"]["documents"],
+        train["tokens"],
+        train["documents"],
+        val["tokens"],
+        val["documents"],
         seconds,
     )
-    if val_fraction > 0 and not meta["splits"]["val"]["documents"]:
+    if meta["val_fraction"] > 0 and not val["documents"]:
         log.warning("the val split is empty: the input is a single short document; add more text")
-    return token_data.read_meta(out)
 
 
 def parse_tokenizer_spec(spec: str) -> tuple[str, str]:

@@ -22,6 +22,7 @@ from gpt2kit.errors import ConfigError
 from gpt2kit.evals.scoring import check_fits, score_continuations
 from gpt2kit.evals.stats import exp_nll, with_stderr
 from gpt2kit.evals.tasks import Task, fewshot_prefix
+from gpt2kit.generation.prompts import eos_id
 from gpt2kit.model.gpt2 import GPT2
 from gpt2kit.tokenizer.tokenizer import Tokenizer
 
@@ -59,7 +60,9 @@ def evaluate_lambada(
         continuation = tokenizer.encode_ordinary(task.target_delimiter + item.targets[0])
         check_fits(f"{task.path}:{item.line}", "the target", len(continuation), model.config.n_positions)
         requests.append((context, continuation))
-    scores = score_continuations(model, requests, batch_size=batch_size, progress=progress)
+    scores = score_continuations(
+        model, requests, bos_token_id=eos_id(model, tokenizer), batch_size=batch_size, progress=progress
+    )
     correct = [float(s.greedy) for s in scores]
     nll = [-s.logprob for s in scores]
     if target == "token":

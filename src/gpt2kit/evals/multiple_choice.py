@@ -18,6 +18,7 @@ from typing import Any
 from gpt2kit.evals.scoring import check_fits, score_choices
 from gpt2kit.evals.stats import with_stderr
 from gpt2kit.evals.tasks import Task, fewshot_prefix
+from gpt2kit.generation.prompts import eos_id
 from gpt2kit.model.gpt2 import GPT2
 from gpt2kit.tokenizer.tokenizer import Tokenizer
 
@@ -41,7 +42,14 @@ def evaluate_multiple_choice(
         for j, t in enumerate(tokens):
             check_fits(f"{task.path}:{item.line}", f"choice {j}", len(t), model.config.n_positions)
         options.append(tokens)
-    scores = score_choices(model, contexts, options, batch_size=batch_size, progress=progress)
+    scores = score_choices(
+        model,
+        contexts,
+        options,
+        bos_token_id=eos_id(model, tokenizer),
+        batch_size=batch_size,
+        progress=progress,
+    )
     items, hits, hits_norm = [], [], []
     for item, item_scores in zip(task.items, scores, strict=True):
         logprobs = [s.logprob for s in item_scores]

@@ -23,6 +23,7 @@ from typing import Any
 from gpt2kit.errors import ConfigError, DataError
 from gpt2kit.evals.scoring import score_continuations
 from gpt2kit.evals.stats import bits_per_byte, exp_nll
+from gpt2kit.generation.prompts import eos_id
 from gpt2kit.model.gpt2 import GPT2
 from gpt2kit.tokenizer.tokenizer import Tokenizer
 
@@ -86,7 +87,7 @@ def evaluate_perplexity(
         raise DataError("the text is empty; perplexity needs at least one token")
     context = model.config.n_positions
     stride = context // 2 if stride is None else stride
-    ids = [tokenizer.eot_token, *tokenizer.encode_ordinary(text)]
+    ids = [eos_id(model, tokenizer), *tokenizer.encode_ordinary(text)]
     spans = windows(len(ids), context=context, stride=stride)
     requests = [
         (ids[begin : max(prev_end, begin + 1)], ids[max(prev_end, begin + 1) : end])

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from gpt2kit.errors import DataError
+from gpt2kit.generation.prompts import eos_id, left_pad
 from gpt2kit.model.gpt2 import GPT2, KVCache
 
 # At most this many logits (rows x positions x vocab) exist at once: 2**25 floats, 128 MiB.
@@ -87,7 +88,8 @@ def score_choices(
 
     `batch_size` bounds the continuations (rows) per forward pass (an item with more
     choices still runs whole, alone; logits memory stays bounded). An empty context is
-    replaced by `bos_token_id` (<|endoftext|>), so the first token still has a prediction.
+    replaced by `bos_token_id` (None: <|endoftext|>, `generation.prompts.eos_id(model)`), so
+    the first token still has a prediction.
     `progress(0)` is called once every request has passed its checks and scoring starts
     (a caller can open its progress bar then), and `progress(n)` as each batch of n
     contexts finishes.
@@ -97,7 +99,7 @@ def score_choices(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n_ctx = model.config.n_positions
-    bos = model.config.bos_token_id if bos_token_id is None else bos_token_id
+    bos = eos_id(model) if bos_token_id is None else bos_token_id
 
     # Work units: (item, [choice indices], context ids). An item whose longest choice
     # doesn't fit next to its context is split into one unit per choice, each cut on its own.
@@ -156,15 +158,14 @@ def _score_batch(
     B = len(contexts)
     Tc = max(len(c) for c in contexts)
     To = max(len(c) for item in conts for c in item) - 1  # the last token is predicted, never fed
-    ctx_ids = torch.zeros(B, Tc, dtype=torch.long)
-    ctx_mask = torch.zeros(B, Tc, dtype=torch.bool)
-    for b, ctx in enumerate(contexts):
-        ctx_ids[b, Tc - len(ctx) :] = torch.tensor(ctx)
-        ctx_mask[b, Tc - len(ctx) :] = True
-    ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
-    padded = not bool(ctx_mask.all())
+    ctx_ids, pad_mask = left_pad(contexts, 0)  # pad_mask: None when no row is padded
+    ctx_ids = ctx_ids.to(device)
+    ctx_mask = torch.ones(B, Tc, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
+    ctx_mask = ctx_mask.to(device)
     cache = KVCache.allocate(model.config, B, Tc + To, device=device, dtype=model.wte.weight.dtype)
-    first = model(ctx_ids, attention_mask=ctx_mask if padded else None, kv_cache=cache, last_only=True)
+    first = model(
+        ctx_ids, attention_mask=None if pad_mask is None else ctx_mask, kv_cache=cache, last_only=True
+    )
     first_logits = first.logits[:, -1].float()  # (B, V): predicts every continuation's first token
 
     # Rows: one per continuation, pointing at its context's cache row.

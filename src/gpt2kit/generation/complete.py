@@ -124,6 +124,7 @@ def complete(
             model,
             tokenizer.encode(p, allowed_special=allowed_special) if isinstance(p, str) else token_ids(p),
             config.max_new_tokens,
+            tokenizer=tokenizer,
         )
         for p in prompts
     ]

@@ -22,7 +22,7 @@ from gpt2kit.errors import ConfigError
 from gpt2kit.generation.beam import beam_search
 from gpt2kit.generation.config import SamplingConfig
 from gpt2kit.generation.engine import Engine, Row, step_for
-from gpt2kit.generation.prompts import fit_prompt, left_pad, prompt_list, token_ids, unpad
+from gpt2kit.generation.prompts import eos_id, fit_prompt, left_pad, pad_id, prompt_list, token_ids, unpad
 from gpt2kit.model.gpt2 import GPT2
 
 Prompts = Tensor | Sequence[Sequence[int]]
@@ -66,50 +66,72 @@ def generate(
     Python or numpy integers, or 1-D tensors/arrays) -> a list of B * n id lists, each
     ending at its <|endoftext|> (included) or at `max_new_tokens`. An empty prompt starts
     from <|endoftext|>; a prompt longer than the context keeps its last tokens (a warning).
-    `num_beams > 1` is beam search as `transformers` does it (`gpt2kit.generation.beam`).
+    `eos_token_id` ends a row: None is the model config's (`generation.prompts.eos_id`), -1
+    never ends one (padding is then 0). `num_beams > 1` is beam search as `transformers` does it (`gpt2kit.generation.beam`).
     `compile`: None uses a compiled decode step when one is saved for this model, True
     builds one if needed (`gpt2kit.model.compiled`), False never does.
     """
     config = SamplingConfig.build(config, **options)
     if config.stop or config.logprobs is not None:
         raise ConfigError("stop and logprobs work on text: use complete(model, tokenizer, ...) for them")
-    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
-    as_list = not isinstance(input_ids, Tensor)
-    if as_list:
-        if attention_mask is not None:
-            raise ConfigError("attention_mask is only for tensor input; a list of prompts is padded for you")
-        prompts = [token_ids(p) for p in prompt_list(input_ids)]
-    else:
-        prompts = unpad(input_ids, attention_mask)
-    prompts = [fit_prompt(model, p, config.max_new_tokens) for p in prompts]
+    eos = eos_id(model) if eos_token_id is None else eos_token_id
+    prompts = [fit_prompt(model, p, config.max_new_tokens) for p in _prompts(input_ids, attention_mask)]
     if num_beams != 1:
         if config.n > 1:
             raise ConfigError("n > 1 samples with beam search is not supported; use one or the other")
-        ids, mask = left_pad(prompts, eos)
-        out = beam_search(
-            model,
-            ids,
-            attention_mask=mask,
-            max_new_tokens=config.max_new_tokens,
-            num_beams=num_beams,
-            length_penalty=length_penalty,
-            early_stopping=early_stopping,
-            eos_token_id=eos,
-            repetition_penalty=config.repetition_penalty,
-            no_repeat_ngram_size=config.no_repeat_ngram_size,
-            compile=compile,
-        )
-        new = [row[ids.shape[1] :] for row in out.tolist()]
+        beams = {"num_beams": num_beams, "length_penalty": length_penalty, "early_stopping": early_stopping}
+        new = _beam_tokens(model, prompts, config, eos=eos, compile=compile, **beams)
     else:
         new = [row.tokens for row in run(model, prompts, config, eos_token_id=eos, compile=compile)]
-    if as_list:
+    if not isinstance(input_ids, Tensor):
         return [prompts[r // config.n] + tokens for r, tokens in enumerate(new)]
-    # The input as given (its padding ids kept), less what was cut to fit the context.
+    return _as_tensor(input_ids, prompts, new, eos=eos, n=config.n)
+
+
+def _prompts(input_ids: Prompts, attention_mask: Tensor | None) -> list[list[int]]:
+    """The prompts as token-id lists: a tensor's rows less their left padding, or the lists checked."""
+    if isinstance(input_ids, Tensor):
+        return unpad(input_ids, attention_mask)
+    if attention_mask is not None:
+        raise ConfigError("attention_mask is only for tensor input; a list of prompts is padded for you")
+    return [token_ids(p) for p in prompt_list(input_ids)]
+
+
+def _beam_tokens(
+    model: GPT2,
+    prompts: list[list[int]],
+    config: SamplingConfig,
+    *,
+    eos: int,
+    compile: bool | None,
+    **beams: Any,
+) -> list[list[int]]:
+    """Each prompt's new tokens from beam search (`beams`: num_beams, length_penalty, early_stopping)."""
+    ids, mask = left_pad(prompts, eos)
+    out = beam_search(
+        model,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=eos,
+        repetition_penalty=config.repetition_penalty,
+        no_repeat_ngram_size=config.no_repeat_ngram_size,
+        compile=compile,
+        **beams,
+    )
+    return [row[ids.shape[1] :] for row in out.tolist()]
+
+
+def _as_tensor(
+    input_ids: Tensor, prompts: list[list[int]], new: list[list[int]], *, eos: int, n: int
+) -> Tensor:
+    """[B * n, W + new]: the input as given (its padding ids kept), less what was cut to fit the
+    context, then each row's new tokens; shorter rows padded with `pad_id(eos)`."""
     W, T = max(len(p) for p in prompts), input_ids.shape[1]
     head = input_ids[:, T - W :].cpu() if W <= T else left_pad(prompts, eos)[0]
     width = max((len(t) for t in new), default=0)
-    out = torch.full((len(new), W + width), eos if eos >= 0 else 0, dtype=torch.long)
-    out[:, :W] = head.repeat_interleave(config.n, dim=0)
+    out = torch.full((len(new), W + width), pad_id(eos), dtype=torch.long)
+    out[:, :W] = head.repeat_interleave(n, dim=0)
     for r, tokens in enumerate(new):
         out[r, W : W + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     return out

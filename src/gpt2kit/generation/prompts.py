@@ -1,8 +1,13 @@
 """Prompts as the engine takes them: token-id lists, fitted to the context, padded when a tensor is wanted.
 
-One place for each rule: an empty prompt starts from <|endoftext|>; an over-long one keeps
-its last tokens; a [B, T] tensor's attention mask must be left padding; which id ends a
-text continuation.
+One place for each rule, which every entry point (`generate`, `beam_search`, `complete`,
+`gpt2kit generate`, the server, the Explorer, the evaluators) calls:
+
+- `eos_id`: the end-of-text id, <|endoftext|>: it ends a continuation, starts an empty
+  prompt or context, and pads;
+- `fit_prompt`: an empty prompt starts from it; an over-long one keeps its last tokens;
+- `left_pad` / `pad_id`: token-id lists as one left-padded [B, T] tensor and its mask;
+- `check_left_padded` / `unpad`: a [B, T] tensor's attention mask must be left padding.
 """
 
 from __future__ import annotations
@@ -16,16 +21,42 @@ from torch import Tensor
 
 from gpt2kit.errors import ConfigError
 from gpt2kit.model.gpt2 import GPT2
-from gpt2kit.tokenizer.tokenizer import Tokenizer
+from gpt2kit.tokenizer.tokenizer import EOT, Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def fit_prompt(model: GPT2, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """An empty prompt starts from <|endoftext|>; an over-long one keeps its last tokens."""
+def eos_id(model: GPT2, tokenizer: Tokenizer | None = None) -> int:
+    """The end-of-text id: the tokenizer's <|endoftext|> when there is a tokenizer and it has
+    that token, else the model config's `eos_token_id`.
+
+    When the two disagree (a tokenizer whose <|endoftext|> is not the config's eos id), the
+    tokenizer's wins: it is the id the text is written with. Id-level calls without a
+    tokenizer (`generate`, `beam_search`, `evals.scoring`) take the config's, as does a
+    tokenizer without <|endoftext|>. GPT-2 uses this one token as bos and eos alike.
+
+    >>> eos_id(model, Tokenizer.gpt2())  # doctest: +SKIP
+    50256
+    """
+    if tokenizer is not None and EOT in tokenizer.special_tokens:
+        return tokenizer.eot_token
+    return model.config.eos_token_id
+
+
+def pad_id(eos_token_id: int) -> int:
+    """The id padding is written with: the eos id, as `transformers` pads GPT-2's outputs, or 0
+    when there is none (`eos_token_id=-1`: never stop). A mask or a length says where it is."""
+    return eos_token_id if eos_token_id >= 0 else 0
+
+
+def fit_prompt(
+    model: GPT2, prompt: list[int], max_new_tokens: int, *, tokenizer: Tokenizer | None = None
+) -> list[int]:
+    """An empty prompt starts from <|endoftext|> (`eos_id(model, tokenizer)`); an over-long one
+    keeps its last tokens."""
     config = model.config
     if not prompt:
-        return [config.eos_token_id]
+        return [eos_id(model, tokenizer)]
     n_ctx = config.n_positions
     keep = n_ctx - 1 if max_new_tokens > 0 else n_ctx
     if len(prompt) > keep:
@@ -36,10 +67,17 @@ def fit_prompt(model: GPT2, prompt: list[int], max_new_tokens: int) -> list[int]
     return prompt
 
 
-def left_pad(prompts: Sequence[list[int]], pad: int) -> tuple[Tensor, Tensor | None]:
-    """Token-id lists as one left-padded [B, T] tensor and its mask (None when no row is padded)."""
+def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor | None]:
+    """Token-id lists as one left-padded [B, T] tensor (padding: `pad_id(pad)`) and its mask,
+    1 for a token and 0 for padding (None when no row is padded).
+
+    >>> left_pad([[1, 2], [3]], 0)
+    (tensor([[1, 2],
+            [0, 3]]), tensor([[1, 1],
+            [0, 1]]))
+    """
     T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad if pad >= 0 else 0, dtype=torch.long)
+    ids = torch.full((len(prompts), T), pad_id(pad), dtype=torch.long)
     mask = torch.zeros((len(prompts), T), dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, T - len(p) :] = torch.tensor(p, dtype=torch.long)
@@ -91,12 +129,6 @@ def check_left_padded(attention_mask: Tensor, shape: tuple[int, int]) -> None:
             f"attention_mask row {row} has a 0 after a 1 (right padding or a hole), but generation "
             "needs left padding (0s, then 1s); left-pad the batch or pass a list of token-id lists"
         )
-
-
-def eos_id(model: GPT2, tokenizer: Tokenizer) -> int:
-    """The id that ends a text continuation: the tokenizer's <|endoftext|>, or the model's
-    eos id for a tokenizer without special tokens."""
-    return tokenizer.eot_token if tokenizer.special_tokens else model.config.eos_token_id
 
 
 def token_ids(prompt: object) -> list[int]:

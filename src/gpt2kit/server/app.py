@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import FastAPI, Request, Security
+from fastapi import APIRouter, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpt2kit.errors import TokenizerError
 from gpt2kit.generation.engine import DecodeStep
+from gpt2kit.generation.prompts import eos_id
 from gpt2kit.model.gpt2 import GPT2
 from gpt2kit.server.explorer_routes import explorer_router
 from gpt2kit.server.openai_completions import Context, Limits, run_completion, start_stream
@@ -87,14 +88,35 @@ def create_app(
     """
     worker = Worker(
         model,
-        eos_token_id=_eos(tokenizer, model),
+        eos_token_id=eos_id(model, tokenizer),
         batching=batching,
         slots=max_batch_size,
         max_pending=max_pending,
         step=step,
     )
+    app = _base_app(worker, api_key=api_key, max_body_bytes=max_body_bytes)
+    # Declares the bearer scheme in the OpenAPI document; Guard enforces it.
+    bearer = [Security(HTTPBearer(auto_error=False))] if api_key else []
+    app.include_router(_health_router(worker, model_name, auth_required=api_key is not None))
     ctx = Context(worker, tokenizer, model_name, limits or Limits())
-    created = int(time.time())
+    for router in (
+        _openai_router(ctx),
+        explorer_router(model, tokenizer),
+        _tokenizer_router(model, tokenizer, model_name),
+    ):
+        app.include_router(router, dependencies=bearer, responses=ERRORS)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _openapi_without_422(app)
+    return app
+
+
+def _base_app(worker: Worker, *, api_key: str | None, max_body_bytes: int) -> FastAPI:
+    """The app with no routes yet: its lifespan (which stops `worker`), the Guard and the error handlers."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,24 +132,34 @@ def create_app(
     app.state.worker = worker
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     _error_handlers(app)
-    # Declares the bearer scheme in the OpenAPI document; Guard enforces it.
-    bearer = [Security(HTTPBearer(auto_error=False))] if api_key else []
+    return app
 
-    @app.get("/health", response_model=Health, tags=["server"])
+
+def _health_router(worker: Worker, model_name: str, *, auth_required: bool) -> APIRouter:
+    router = APIRouter(tags=["server"])
+
+    @router.get("/health", response_model=Health)
     def health() -> Health:
         """Liveness and load; never needs the API key."""
-        return Health(model=model_name, requests_in_flight=worker.load, auth_required=api_key is not None)
+        return Health(model=model_name, requests_in_flight=worker.load, auth_required=auth_required)
 
-    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=bearer, tags=["openai"])
+    return router
+
+
+def _openai_router(ctx: Context) -> APIRouter:
+    """GET /v1/models and POST /v1/completions."""
+    router = APIRouter(tags=["openai"])
+    created = int(time.time())
+
+    @router.get("/v1/models", response_model=ModelList)
     def models() -> ModelList:
         """The one model this server serves."""
-        return ModelList(data=[ModelCard(id=model_name, created=created)])
+        return ModelList(data=[ModelCard(id=ctx.model_name, created=created)])
 
-    @app.post(
+    @router.post(
         "/v1/completions",
         response_model=CompletionResponse,
         responses={
-            **ERRORS,
             200: {
                 "description": "a completion, or with stream=true server-sent events of the same shape "
                 "followed by `data: [DONE]`",
@@ -136,8 +168,6 @@ def create_app(
             404: {"model": ErrorResponse, "description": "unknown model"},
             504: {"model": ErrorResponse, "description": "request timed out"},
         },
-        dependencies=bearer,
-        tags=["openai"],
     )
     async def completions(body: CompletionRequest, request: Request):
         """Complete prompts like OpenAI's legacy completions API (also scoring: echo + max_tokens 0)."""
@@ -149,15 +179,14 @@ def create_app(
             )
         return await run_completion(body, ctx, request.is_disconnected)
 
-    app.include_router(explorer_router(model, tokenizer), dependencies=bearer, responses=ERRORS)
+    return router
 
-    @app.get(
-        "/tokenizer_info",
-        response_model=TokenizerInfoResponse,
-        responses=ERRORS,
-        dependencies=bearer,
-        tags=["tokenizer"],
-    )
+
+def _tokenizer_router(model: GPT2, tokenizer: Tokenizer, model_name: str) -> APIRouter:
+    """GET /tokenizer_info, POST /tokenize and /detokenize, as vLLM serves them."""
+    router = APIRouter(tags=["tokenizer"])
+
+    @router.get("/tokenizer_info", response_model=TokenizerInfoResponse)
     def tokenizer_info() -> JSONResponse:
         """The tokenizer's configuration, as vLLM serves it (lm-eval's tokenizer_backend=remote)."""
         info = _tokenizer_info(tokenizer, model)
@@ -166,13 +195,7 @@ def create_app(
             info.model_dump(exclude={"chat_template"} if info.chat_template is None else None)
         )
 
-    @app.post(
-        "/tokenize",
-        response_model=TokenizeResponse,
-        responses=ERRORS,
-        dependencies=bearer,
-        tags=["tokenizer"],
-    )
+    @router.post("/tokenize", response_model=TokenizeResponse)
     def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         """Text -> token ids, as vLLM's /tokenize; `<|endoftext|>` in the text is the special token."""
         _check_model(body.model, model_name)
@@ -187,13 +210,7 @@ def create_app(
             token_strs=tokenizer.decode_tokens(ids) if body.return_token_strs else None,
         )
 
-    @app.post(
-        "/detokenize",
-        response_model=DetokenizeResponse,
-        responses=ERRORS,
-        dependencies=bearer,
-        tags=["tokenizer"],
-    )
+    @router.post("/detokenize", response_model=DetokenizeResponse)
     def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         """Token ids -> text, as vLLM's /detokenize (a cut UTF-8 character becomes U+FFFD)."""
         _check_model(body.model, model_name)
@@ -205,13 +222,7 @@ def create_app(
             )
         return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
 
-    @app.get("/", include_in_schema=False)
-    def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    _openapi_without_422(app)
-    return app
+    return router
 
 
 def _openapi_without_422(app: FastAPI) -> None:
@@ -238,10 +249,6 @@ def _version() -> str:
     return __version__
 
 
-def _eos(tokenizer: Tokenizer, model: GPT2) -> int:
-    return tokenizer.special_tokens.get("<|endoftext|>", model.config.eos_token_id)
-
-
 def _check_model(name: str | None, served: str) -> None:
     if name is not None and name != served:
         raise APIError(
@@ -254,8 +261,8 @@ def _check_model(name: str | None, served: str) -> None:
 
 def _tokenizer_info(tokenizer: Tokenizer, model: GPT2) -> TokenizerInfoResponse:
     """GPT-2's tokenizer_config.json keys: <|endoftext|> is its bos, eos and unk token; no pad."""
-    eos_id = _eos(tokenizer, model)
-    eos = next((t for t, i in tokenizer.special_tokens.items() if i == eos_id), None)
+    eos_token_id = eos_id(model, tokenizer)
+    eos = next((t for t, i in tokenizer.special_tokens.items() if i == eos_token_id), None)
     return TokenizerInfoResponse(
         tokenizer_class="GPT2Tokenizer",
         eos_token=eos,
@@ -349,23 +356,42 @@ class Guard:
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
         declared = int(length) if length is not None and length.isdigit() else None
-        if self.api_key and scope["path"].startswith(PROTECTED):
-            given = headers.get(b"authorization", b"")
-            expected = f"Bearer {self.api_key}".encode()
-            if not hmac.compare_digest(given, expected):
-                what = "missing" if not given else "wrong"
-                err = APIError(
-                    401,
-                    f"API key {what}; send the header 'Authorization: Bearer <key>'",
-                    type="invalid_request_error",
-                    code="invalid_api_key",
-                    headers={"Connection": "close"},
-                )
-                # A body the key would have allowed is read first, for the reason above.
-                if declared is None or declared <= self.max_body_bytes:
-                    await _drain(receive, limit=self.max_body_bytes)
-                await _json_error(err)(scope, receive, send)
-                return
+        err = await self._check_key(scope["path"], headers, declared, receive)
+        body = None
+        if err is None:
+            read = await self._read_body(receive, declared)
+            if read is None:
+                return  # the client left
+            err = read if isinstance(read, APIError) else _utf8_error(read)
+            body = read
+        if err is not None:
+            await _json_error(err)(scope, receive, send)
+            return
+        assert isinstance(body, bytes)
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _check_key(
+        self, path: str, headers: dict[bytes, bytes], declared: int | None, receive: Receive
+    ) -> APIError | None:
+        """The 401 for a protected path without the right key (None: go on)."""
+        if not self.api_key or not path.startswith(PROTECTED):
+            return None
+        given = headers.get(b"authorization", b"")
+        if hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+            return None
+        # A body the key would have allowed is read first, for the reason above.
+        if declared is None or declared <= self.max_body_bytes:
+            await _drain(receive, limit=self.max_body_bytes)
+        return APIError(
+            401,
+            f"API key {'missing' if not given else 'wrong'}; send the header 'Authorization: Bearer <key>'",
+            type="invalid_request_error",
+            code="invalid_api_key",
+            headers={"Connection": "close"},
+        )
+
+    async def _read_body(self, receive: Receive, declared: int | None) -> bytes | APIError | None:
+        """The whole body; or the 413, once the rest is drained; or None when the client left."""
         too_big = APIError(
             413,
             f"request body exceeds {self.max_body_bytes} bytes; send a smaller request",
@@ -375,40 +401,44 @@ class Guard:
         if declared is not None and declared > self.max_body_bytes:
             if declared <= self.max_drain_bytes:
                 await _drain(receive, limit=self.max_drain_bytes)
-            await _json_error(too_big)(scope, receive, send)
-            return
+            return too_big
         chunks: list[bytes] = []
         size = 0
         more = True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_body_bytes:
                 if more:
                     await _drain(receive, limit=self.max_drain_bytes - size)
-                await _json_error(too_big)(scope, receive, send)
-                return
-        body = b"".join(chunks)
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            err = APIError(400, f"request body is not valid UTF-8 (byte {e.start}); send UTF-8 JSON")
-            await _json_error(err)(scope, receive, send)
-            return
-        replayed = False
+                return too_big
+        return b"".join(chunks)
 
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # later calls wait for the client to disconnect
 
-        await self.app(scope, replay, send)
+def _utf8_error(body: bytes) -> APIError | None:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return APIError(400, f"request body is not valid UTF-8 (byte {e.start}); send UTF-8 JSON")
+    return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the app the body already read, then waits on the client's."""
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # later calls wait for the client to disconnect
+
+    return replay  # type: ignore[return-value]
 
 
 async def _drain(receive: Receive, *, limit: int) -> None:

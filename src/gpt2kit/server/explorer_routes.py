@@ -48,37 +48,57 @@ from gpt2kit.tokenizer.tokenizer import Tokenizer
 
 def explorer_router(model: GPT2, tokenizer: Tokenizer) -> APIRouter:
     """POST /api/next, /api/surprise, /api/attention(/grid), /api/lens(/grid), /api/attribution."""
+    ex = _Explorer(model, tokenizer)
     router = APIRouter(prefix="/api", tags=["explorer"])
-    cfg = model.config
-    bos = eos_id(model, tokenizer)
-    names = _Names(tokenizer)
+    router.post("/next", response_model=NextResponse)(ex.next_token)
+    router.post("/surprise", response_model=SurpriseResponse)(ex.surprise)
+    router.post("/attention", response_model=AttentionResponse)(ex.attention)
+    router.post("/attention/grid", response_model=AttentionGridResponse)(ex.attention_grid)
+    router.post("/lens", response_model=LensResponse)(ex.lens)
+    router.post("/lens/grid", response_model=LensGridResponse)(ex.lens_grid)
+    router.post("/attribution", response_model=AttributionResponse)(ex.attribution)
+    return router
 
-    def prompt_ids(text: str) -> list[int]:
-        ids = tokenizer.encode(text, allowed_special="all") if text else [bos]
-        if len(ids) > cfg.n_positions:
-            raise APIError(
-                400, f"text has {len(ids)} tokens, more than the context of {cfg.n_positions}", param="text"
-            )
+
+class _Explorer:
+    """The endpoints' bodies, over one model and tokenizer; each method is one endpoint."""
+
+    def __init__(self, model: GPT2, tokenizer: Tokenizer) -> None:
+        self.model = model
+        self.cfg = model.config
+        self.bos = eos_id(model, tokenizer)
+        self.names = _Names(tokenizer)
+        self.tokenizer = tokenizer
+
+    # --- the checks every endpoint shares ----------------------------------------------------
+
+    def prompt_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, allowed_special="all") if text else [self.bos]
+        n_ctx = self.cfg.n_positions
+        if len(ids) > n_ctx:
+            raise APIError(400, f"text has {len(ids)} tokens, more than the context of {n_ctx}", param="text")
         return ids
 
-    def check_layer_head(layer: int, head: int | None = None) -> None:
-        if layer >= cfg.n_layer:
-            raise APIError(400, f"layer must be < {cfg.n_layer} (the model's n_layer)", param="layer")
-        if head is not None and head >= cfg.n_head:
-            raise APIError(400, f"head must be < {cfg.n_head} (the model's n_head)", param="head")
+    def check_layer_head(self, layer: int, head: int | None = None) -> None:
+        if layer >= self.cfg.n_layer:
+            raise APIError(400, f"layer must be < {self.cfg.n_layer} (the model's n_layer)", param="layer")
+        if head is not None and head >= self.cfg.n_head:
+            raise APIError(400, f"head must be < {self.cfg.n_head} (the model's n_head)", param="head")
 
+    @staticmethod
     def check_position(position: int, ids: list[int]) -> None:
         if position >= len(ids):
             raise APIError(
                 400, f"position must be < {len(ids)} (the text's tokens, counted from 0)", param="position"
             )
 
-    @router.post("/next", response_model=NextResponse)
-    def next_token(body: NextRequest) -> NextResponse:
+    # --- the endpoints -----------------------------------------------------------------------
+
+    def next_token(self, body: NextRequest) -> NextResponse:
         """The k most likely next tokens, before and after top-k / top-p, and optionally a seeded draw."""
-        ids = prompt_ids(body.text)
+        ids = self.prompt_ids(body.text)
         view = explorer.sampling_view(
-            model,
+            self.model,
             ids,
             k=body.k,
             temperature=body.temperature,
@@ -87,45 +107,43 @@ def explorer_router(model: GPT2, tokenizer: Tokenizer) -> APIRouter:
             seed=body.seed,
         )
         choices = view.candidates + ([view.sampled] if view.sampled else [])
-        labels = names([c.id for c in choices])
+        labels = self.names([c.id for c in choices])
         tokens = [
             NextCandidate(id=c.id, token=t, prob=c.prob, kept_prob=c.kept_prob)
             for c, t in zip(choices, labels, strict=True)
         ]
         return NextResponse(
-            prompt_tokens=names.infos(ids),
+            prompt_tokens=self.names.infos(ids),
             tokens=tokens[: len(view.candidates)],
             kept=view.kept,
             sampled=tokens[-1] if view.sampled else None,
         )
 
-    @router.post("/surprise", response_model=SurpriseResponse)
-    def surprise(body: SurpriseRequest) -> SurpriseResponse:
+    def surprise(self, body: SurpriseRequest) -> SurpriseResponse:
         """Every token's log-probability and rank (scored after <|endoftext|>), total bits, bits per byte."""
-        ids = prompt_ids(body.text)  # not '': the schema asks for one character at least
-        scored = explorer.surprise(model, ids, bos=bos)
+        ids = self.prompt_ids(body.text)  # not '': the schema asks for one character at least
+        scored = explorer.surprise(self.model, ids, bos=self.bos)
         total_bits = -sum(scored.logprobs) / math.log(2)
         n_bytes = len(body.text.encode("utf-8"))
         return SurpriseResponse(
             tokens=[
                 SurpriseToken(id=i.id, token=i.token, logprob=lp, rank=r)
-                for i, lp, r in zip(names.infos(ids), scored.logprobs, scored.ranks, strict=True)
+                for i, lp, r in zip(self.names.infos(ids), scored.logprobs, scored.ranks, strict=True)
             ],
             total_bits=total_bits,
             bits_per_byte=total_bits / n_bytes,
             n_bytes=n_bytes,
         )
 
-    @router.post("/attention", response_model=AttentionResponse)
-    def attention(body: AttentionRequest) -> AttentionResponse:
+    def attention(self, body: AttentionRequest) -> AttentionResponse:
         """One head's attention weights (T x T, row i over tokens 0..i); with `position`, that query worked through."""
-        check_layer_head(body.layer, body.head)
-        ids = prompt_ids(body.text)
+        self.check_layer_head(body.layer, body.head)
+        ids = self.prompt_ids(body.text)
         detail = None
         if body.position is not None:
-            check_position(body.position, ids)
+            self.check_position(body.position, ids)
             step = explorer.attention_step(
-                model, ids, layer=body.layer, head=body.head, position=body.position
+                self.model, ids, layer=body.layer, head=body.head, position=body.position
             )
             detail = AttentionDetail(
                 position=step.position,
@@ -138,22 +156,21 @@ def explorer_router(model: GPT2, tokenizer: Tokenizer) -> APIRouter:
                 values=step.values.tolist(),
                 output=step.output.tolist(),
             )
-        weights = explorer.attention_head(model, ids, layer=body.layer, head=body.head)
+        weights = explorer.attention_head(self.model, ids, layer=body.layer, head=body.head)
         return AttentionResponse(
-            tokens=names.infos(ids),
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
+            tokens=self.names.infos(ids),
+            n_layer=self.cfg.n_layer,
+            n_head=self.cfg.n_head,
             layer=body.layer,
             head=body.head,
             weights=_rounded(weights, 6),
             detail=detail,
         )
 
-    @router.post("/attention/grid", response_model=AttentionGridResponse)
-    def attention_grid(body: AttentionGridRequest) -> AttentionGridResponse:
+    def attention_grid(self, body: AttentionGridRequest) -> AttentionGridResponse:
         """Every head of one layer as a small map over the first tokens (the page asks layer by layer)."""
-        check_layer_head(body.layer)
-        ids = prompt_ids(body.text)
+        self.check_layer_head(body.layer)
+        ids = self.prompt_ids(body.text)
         shown = ids[:GRID_MAX_TOKENS]
         note = None
         if len(shown) < len(ids):
@@ -161,62 +178,57 @@ def explorer_router(model: GPT2, tokenizer: Tokenizer) -> APIRouter:
                 f"the grid shows the first {len(shown)} of {len(ids)} tokens (attention is causal, so "
                 "these are those tokens' exact maps); open a head for all of them"
             )
-        weights = explorer.attention(model, shown, layer=body.layer)  # (nh, shown, shown)
+        weights = explorer.attention(self.model, shown, layer=body.layer)  # (nh, shown, shown)
         return AttentionGridResponse(
-            tokens=names.infos(ids),
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
+            tokens=self.names.infos(ids),
+            n_layer=self.cfg.n_layer,
+            n_head=self.cfg.n_head,
             layer=body.layer,
             shown=len(shown),
             note=note,
             heads=[_rounded(w, 4) for w in weights],
         )
 
-    @router.post("/lens", response_model=LensResponse)
-    def lens(body: LensRequest) -> LensResponse:
+    def lens(self, body: LensRequest) -> LensResponse:
         """Logit lens: the top next tokens read from each layer's residual stream at one position."""
-        ids = prompt_ids(body.text)
+        ids = self.prompt_ids(body.text)
         position = len(ids) - 1 if body.position is None else body.position
-        check_position(position, ids)
-        layers = explorer.logit_lens(model, ids, k=body.k, position=position)
+        self.check_position(position, ids)
+        layers = explorer.logit_lens(self.model, ids, k=body.k, position=position)
         return LensResponse(
-            tokens=names.infos(ids),
+            tokens=self.names.infos(ids),
             position=position,
-            layers=[LensLayer(layer=i, tokens=names.candidates(top)) for i, top in enumerate(layers)],
+            layers=[LensLayer(layer=i, tokens=self.names.candidates(top)) for i, top in enumerate(layers)],
         )
 
-    @router.post("/lens/grid", response_model=LensGridResponse)
-    def lens_grid(body: LensGridRequest) -> LensGridResponse:
+    def lens_grid(self, body: LensGridRequest) -> LensGridResponse:
         """The logit lens at every position: per layer and position, the top token and its probability."""
-        ids = prompt_ids(body.text)
-        top_ids, top_probs = explorer.lens_grid(model, ids)
+        ids = self.prompt_ids(body.text)
+        top_ids, top_probs = explorer.lens_grid(self.model, ids)
         return LensGridResponse(
-            tokens=names.infos(ids),
+            tokens=self.names.infos(ids),
             cells=[
-                names.candidates(list(zip(row_ids, row_probs, strict=True)))
+                self.names.candidates(list(zip(row_ids, row_probs, strict=True)))
                 for row_ids, row_probs in zip(top_ids.tolist(), top_probs.tolist(), strict=True)
             ],
         )
 
-    @router.post("/attribution", response_model=AttributionResponse)
-    def attribution(body: AttributionRequest) -> AttributionResponse:
+    def attribution(self, body: AttributionRequest) -> AttributionResponse:
         """Direct logit attribution of one next token at the last position, per layer and head."""
-        if body.token_id is not None and body.token_id >= cfg.vocab_size:
+        if body.token_id is not None and body.token_id >= self.cfg.vocab_size:
             raise APIError(
-                400, f"token_id must be < {cfg.vocab_size} (the model's vocabulary)", param="token_id"
+                400, f"token_id must be < {self.cfg.vocab_size} (the model's vocabulary)", param="token_id"
             )
-        ids = prompt_ids(body.text)
-        a = direct_logit_attribution(model, ids, token_id=body.token_id)
+        ids = self.prompt_ids(body.text)
+        a = direct_logit_attribution(self.model, ids, token_id=body.token_id)
         return AttributionResponse(
             token_id=a.token_id,
-            token=names([a.token_id])[0],
+            token=self.names([a.token_id])[0],
             logit=a.logit,
             bias=a.bias,
             parts=[AttributionPart(name=n, value=v) for n, v in a.parts],
             heads=a.heads,
         )
-
-    return router
 
 
 class _Names:
