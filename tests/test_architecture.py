@@ -125,10 +125,6 @@ def test_at_most_six_loose_modules() -> None:
     assert len(loose) <= 6, loose
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14: the training loop, create_app, explorer_router, prepare and beam_search are being split",
-)
 def test_no_function_over_100_lines() -> None:
     long = [
         f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"

@@ -153,6 +153,14 @@ def test_mps_gets_bf16_only_where_it_accepts_it(machine) -> None:
     assert dev.pick_dtype("auto", "mps") == torch.bfloat16
 
 
+def test_training_stays_float32_on_mps_where_inference_gets_bf16(machine) -> None:
+    machine(mps=True, mps_bf16="MPS bf16")
+    assert dev.auto_dtype("mps")[0] == torch.bfloat16
+    assert dev.auto_dtype("mps", training=True)[0] == torch.float32
+    machine(cpu_bf16="AVX512-BF16")
+    assert dev.auto_dtype("cpu", training=True) == dev.auto_dtype("cpu")
+
+
 def test_named_dtypes_ignore_the_hardware(machine) -> None:
     machine(cpu_bf16=None)
     for name, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)]:
@@ -213,8 +221,7 @@ def test_cpu_probes_agree_with_the_kernel() -> None:
 
 def test_no_module_asks_torch_for_the_device_or_compares_device_names() -> None:
     """The probes above are the only places that ask torch about the machine, and every
-    decision reads `device.type`: a name compared with "cuda" gave `cuda:0` float32 once.
-    (training/ is checked by its own tests.)"""
+    decision reads `device.type`: a name compared with "cuda" gave `cuda:0` float32 once."""
     import re
 
     package = Path(dev.__file__).parent
@@ -223,7 +230,7 @@ def test_no_module_asks_torch_for_the_device_or_compares_device_names() -> None:
     found = [
         f"{path.relative_to(package)}:{n}: {line.strip()}"
         for path in sorted(package.rglob("*.py"))
-        if path != Path(dev.__file__) and "training" not in path.relative_to(package).parts
+        if path != Path(dev.__file__)
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         if asks.search(line) or compares.search(line)
     ]

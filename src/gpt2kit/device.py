@@ -165,14 +165,19 @@ def native_bf16(device: torch.device | str) -> str | None:
     return None
 
 
-def auto_dtype(device: torch.device | str) -> tuple[torch.dtype, str]:
+def auto_dtype(device: torch.device | str, *, training: bool = False) -> tuple[torch.dtype, str]:
     """bfloat16 where `device` computes it natively, else float32, with the reason in words.
+
+    `training=True` asks for training's autocast dtype: the same, except float32 on MPS,
+    where bf16 training is unmeasured (inference there uses bf16 where it works).
 
     >>> auto_dtype("cpu")  # doctest: +SKIP
     (torch.bfloat16, 'this CPU has AVX512-BF16')
     """
     device = torch.device(device)
     where = "this CPU" if device.type == "cpu" else f"{device}"
+    if training and device.type == "mps":
+        return torch.float32, "bf16 training on MPS is unmeasured"
     feature = native_bf16(device)
     if feature is not None:
         return torch.bfloat16, f"{where} has {feature}"

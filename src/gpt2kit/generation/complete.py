@@ -107,12 +107,13 @@ def complete(
 ) -> list[Completion] | Iterator[CompletionChunk]:
     """Complete every prompt `config.n` times: `len(prompts) * n` completions, prompt by prompt.
 
-    A prompt is text, or token ids (already encoded; used as they are). How to sample is a `SamplingConfig`, or its fields as keywords (`max_new_tokens=16,
-    stop=["\\n"], seed=0`). `stream=True` returns an iterator of `CompletionChunk`s as the
-    tokens come (the settings are checked before it is returned). `allowed_special="all"`
-    encodes special tokens written in a prompt (`<|endoftext|>`) as themselves; by default
-    they are an error, as in `Tokenizer.encode`. `compile` as in `generate`; `batch_size`
-    caps the rows decoded together (the engine's slots; default: all rows, at most 64).
+    A prompt is text, or token ids (already encoded; used as they are). How to sample is a
+    `SamplingConfig`, or its fields as keywords (`max_new_tokens=16, stop=["\\n"], seed=0`).
+    `stream=True` returns an iterator of `CompletionChunk`s as the tokens come (the settings
+    are checked before it is returned). `allowed_special="all"` encodes special tokens
+    written in a prompt (`<|endoftext|>`) as themselves; by default they are an error, as in
+    `Tokenizer.encode`. `compile` as in `generate`; `batch_size` caps the rows decoded
+    together (the engine's slots; default: all rows, at most 64).
     """
     config = SamplingConfig.build(config, **options)
     if isinstance(prompts, str):

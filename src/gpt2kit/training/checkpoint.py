@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2kit import atomic
+from gpt2kit.device import cuda_available, cuda_device_count
 from gpt2kit.errors import CheckpointError
 from gpt2kit.model.checkpoint import save_model
 from gpt2kit.model.gpt2 import GPT2
@@ -112,7 +113,7 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     opt = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # only a process that used CUDA has CUDA RNG states to keep
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     slots: dict[str, list[str]] = {}
@@ -240,7 +241,7 @@ def restore_rng(ckpt: RunCheckpoint) -> None:
     tensors = ckpt.tensors()
     torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+    if cuda and cuda_available() and len(cuda) == cuda_device_count():
         torch.cuda.set_rng_state_all(cuda)
     rng = ckpt.state["rng"]
     version, internal, gauss = rng["python"]

@@ -239,14 +239,14 @@ def _plan(
 
 def _samples(model: GPT2, tokenizer: Tokenizer) -> dict[str, str]:
     """Step 4: a continuation of each of PROMPTS."""
-    from gpt2kit.generation.generate import generate
+    from gpt2kit.generation.complete import complete
 
     samples = {}
     for i, prompt in enumerate(PROMPTS):
-        ids = tokenizer.encode_ordinary(prompt)
-        new = min(160, model.config.n_positions - len(ids))
-        out_ids = generate(model, [ids], max_new_tokens=new, temperature=0.8, top_k=40, seed=i)[0]
-        samples[prompt] = tokenizer.decode(out_ids[: len(out_ids) - (out_ids[-1] == tokenizer.eot_token)])
+        new = min(160, model.config.n_positions - len(tokenizer.encode_ordinary(prompt)))
+        # The prompt and its continuation, which ends at the end-of-text id and leaves it out.
+        done = complete(model, tokenizer, prompt, max_new_tokens=new, temperature=0.8, top_k=40, seed=i)[0]
+        samples[prompt] = prompt + done.text
     return samples
 
 

@@ -247,13 +247,10 @@ def _samplers(
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: plain float32). Weights and optimizer state stay float32.
 
-    `dtype = "auto"` is gpt2kit.device's choice (bf16 where the GPU or CPU computes it
-    natively) on CUDA and CPUs; on MPS it stays float32 (bf16 training there is unmeasured).
+    `dtype = "auto"` is gpt2kit.device's choice for training (`auto_dtype(training=True)`).
     """
     if cfg.dtype == "auto":
-        if device.type not in ("cuda", "cpu"):
-            return None
-        dtype, reason = auto_dtype(device)
+        dtype, reason = auto_dtype(device, training=True)
         log.info("dtype auto: %s: %s", reason, "bf16 autocast" if dtype == torch.bfloat16 else "float32")
     else:
         dtype = pick_dtype(cfg.dtype, device, flag="--set dtype=")
