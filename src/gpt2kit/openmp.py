@@ -5,9 +5,9 @@ torch on Linux runs its CPU kernels, and compiled decode steps theirs, on GNU Op
 kept for the life of that thread. When the teams hold more threads than the process has
 cores, libgomp stops spin-waiting between parallel regions (for every thread, for as long
 as the teams live) and parks its workers in the kernel instead: a gpt2 decode step starts
-hundreds of small parallel regions, and each wake-up then costs a system call. On a
-2-core machine a compiled gpt2 step run from a second thread took 2x the time it takes
-on the main thread (benchmarks/README.md, "Serving gpt2").
+parallel loops in most of its kernels, in every layer, and each wake-up then costs a
+system call. On a 2-core machine a compiled gpt2 step called from a second thread ran at
+about half the speed it has on the main thread (benchmarks/README.md, "Serving gpt2").
 
 The server decodes on its own thread after the main thread has loaded the model (which
 made the main thread's team): `release_thread_pool()`, called on the main thread before
