@@ -23,6 +23,8 @@ import ctypes
 import logging
 import sys
 
+import torch  # noqa: F401  (loads the OpenMP runtime this module looks up)
+
 log = logging.getLogger(__name__)
 
 _OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free the threads, keep the runtime usable
@@ -36,8 +38,8 @@ def _libgomp() -> ctypes.CDLL | None:
         process = ctypes.CDLL(None)  # every library loaded into the global namespace (torch's libgomp)
     except OSError:
         return None
-    # LLVM's and Intel's runtimes also export GOMP_* entry points, and their own __kmpc_*:
-    # their pause has other semantics, and they don't throttle this way.
+    # LLVM's and Intel's runtimes also export GOMP_* entry points (and their own __kmpc_*);
+    # their pause may stop every thread's team, not the caller's: left alone.
     if not hasattr(process, "GOMP_parallel") or hasattr(process, "__kmpc_fork_call"):
         return None
     if not hasattr(process, "omp_pause_resource_all"):  # OpenMP 5.0, GCC 9 and later
@@ -49,8 +51,6 @@ def release_thread_pool() -> bool:
     """End the calling thread's OpenMP worker threads (its next parallel region starts a new
     team). Returns whether a GNU OpenMP runtime released them; elsewhere it does nothing.
     Call it on a thread that is done computing, before another thread starts to."""
-    import torch  # noqa: F401  (torch loads the runtime)
-
     gomp = _libgomp()
     if gomp is None:
         return False
