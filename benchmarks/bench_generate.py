@@ -1,4 +1,4 @@
-"""Decode speed of every gpt2kit option against transformers and CTranslate2, in one process.
+"""Decode speed of every gpt2kit option against transformers and CTranslate2, taking turns.
 
 All systems hold the same random-weight GPT-2 124M: a `transformers.GPT2LMHeadModel` with
 the default config is saved with `save_pretrained` (plus GPT-2's tokenizer files), loaded
@@ -6,8 +6,12 @@ back by gpt2kit in each precision, and converted by CTranslate2's `TransformersC
 to float32 and int8. Each run prefills a `--prompt`-token prompt per row and decodes
 `--new` tokens greedily with <|endoftext|> never ending a row, so every system does every
 step. Decode tokens/s = rows x (new - 1) / (time of a `new`-token run - time of a 1-token
-run): the prefill cancels out. Systems run interleaved, `--repeats` rounds, after one
-warm-up each, so all see the same machine load; best and median are printed.
+run): the prefill cancels out. Each system runs in its own process, as a user runs it:
+in one process CTranslate2's threads join torch's OpenMP runtime (it binds to the libgomp
+torch loaded), which then holds more threads than cores and parks them between parallel
+regions, slowing every system in it (src/gpt2kit/openmp.py). The processes take turns,
+`--repeats` rounds after one warm-up each, so all see the same machine load; best and
+median are printed.
 
 gpt2kit's options: fp32 / bf16 / int8 weights with fp32 or bf16 activations
 (`GPT2.from_pretrained(dtype=, quantize="int8")`, which picks its scheme for the CPU),
@@ -183,6 +187,72 @@ def ctranslate2_system(path: Path, out: Path, quantization: str, ids: torch.Tens
     return run
 
 
+def make_system(name: str, work: Path, ids: torch.Tensor) -> tuple[Callable[[int], None], str]:
+    """The run function of a system named as in the table ("transformers fp32",
+    "ctranslate2 int8", "gpt2kit bf16-compiled"), and a note."""
+    model_dir = work / "gpt2-random"
+    if name == "transformers fp32":
+        return transformers_system(model_dir, ids), ""
+    if name.startswith("ctranslate2 "):
+        quantization = name.split()[1]
+        return ctranslate2_system(model_dir, work / f"ct2-{quantization}", quantization, ids), ""
+    return gpt2kit_system(model_dir, name.removeprefix("gpt2kit "), ids)
+
+
+class SystemProcess:
+    """One system in a child process of this script (`--child`), run when asked: "warm"
+    (a 4-token run) or "rate" (one `decode_rate`, printed back)."""
+
+    def __init__(self, name: str, args: argparse.Namespace, work: Path, batch: int) -> None:
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (closed by close())
+        cmd = [
+            sys.executable, __file__, "--child", name, "--work", str(work), "--batch", str(batch),
+            "--prompt", str(args.prompt), "--new", str(args.new),
+        ]  # fmt: skip
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True
+        )
+        self.note = self._answer()
+
+    def _answer(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            raise RuntimeError(f"{self.name} failed:\n{self.log.read()[-3000:]}")
+        return line.rstrip("\n")
+
+    def ask(self, command: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def child(args: argparse.Namespace, work: Path) -> None:
+    """One system for the parent: its note on the first line, then an answer per command."""
+    batch = args.batch[0]
+    ids = torch.randint(0, 50000, (batch, args.prompt), generator=torch.Generator().manual_seed(1))
+    fn, note = make_system(args.child, work, ids)
+    print(note, flush=True)
+    for line in sys.stdin:
+        if line.strip() == "warm":
+            fn(4)  # allocator, oneDNN primitives, lazy initialisation
+            print("ok", flush=True)
+        elif line.strip() == "rate":
+            fn(1)  # untimed: pages the process dropped while the others ran come back first
+            print(decode_rate(fn, new=args.new, rows=batch), flush=True)
+
+
 def speed(args: argparse.Namespace, work: Path) -> None:
     model_dir = work / "gpt2-random"
     if not model_dir.exists():
@@ -191,28 +261,32 @@ def speed(args: argparse.Namespace, work: Path) -> None:
     options = args.only.split(",") if args.only else [*OPTIONS, "default"]
     print(machine_line())
     print(f"model: random gpt2 124M; prompt {args.prompt} tokens per row, {args.new} new tokens, greedy")
+    print("each system in its own process; the processes take turns")
+    names = [f"gpt2kit {option}" for option in options]
+    if not args.no_peers:
+        peers = ["transformers fp32"]
+        try:
+            import ctranslate2  # noqa: F401
+
+            peers += ["ctranslate2 float32", "ctranslate2 int8"]
+        except ImportError:
+            print("ctranslate2 is not installed (pip install ctranslate2): skipping it")
+        names = peers + names
     for batch in args.batch:
-        ids = torch.randint(0, 50000, (batch, args.prompt), generator=torch.Generator().manual_seed(1))
-        systems: dict[str, Callable[[int], None]] = {}
-        if not args.no_peers:
-            systems["transformers fp32"] = transformers_system(model_dir, ids)
-            try:
-                systems["ctranslate2 float32"] = ctranslate2_system(
-                    model_dir, work / "ct2-float32", "float32", ids
-                )
-                systems["ctranslate2 int8"] = ctranslate2_system(model_dir, work / "ct2-int8", "int8", ids)
-            except ImportError:
-                print("ctranslate2 is not installed (pip install ctranslate2): skipping it")
-        for option in options:
-            systems[f"gpt2kit {option}"], note = gpt2kit_system(model_dir, option, ids)
-            if note:
-                print(f"gpt2kit {option}: {note}")
-        for fn in systems.values():
-            fn(4)  # warm-up: allocator, oneDNN primitives, lazy initialisation
-        rates: dict[str, list[float]] = {name: [] for name in systems}
-        for _ in range(args.repeats):
-            for name, fn in systems.items():
-                rates[name].append(decode_rate(fn, new=args.new, rows=batch))
+        systems: dict[str, SystemProcess] = {}
+        try:
+            for name in names:  # one at a time: a gpt2kit option may build its compiled step
+                systems[name] = SystemProcess(name, args, work, batch)
+                if systems[name].note:
+                    print(f"{name}: {systems[name].note}")
+                systems[name].ask("warm")
+            rates: dict[str, list[float]] = {name: [] for name in systems}
+            for _ in range(args.repeats):
+                for name, system in systems.items():
+                    rates[name].append(float(system.ask("rate")))
+        finally:
+            for system in systems.values():
+                system.close()
         print(f"\nbatch {batch}: decode tokens/s, best of {args.repeats} (median)")
         peers = [p for p in ("transformers fp32", "ctranslate2 float32", "ctranslate2 int8") if p in rates]
         header = f"{'system':<26} {'best':>8} {'median':>8}" + "".join(f" {'vs ' + p:>24}" for p in peers)
@@ -287,13 +361,16 @@ def main() -> None:
     ap.add_argument("--process", action="store_true", help="whole-process wall time instead (64 tokens)")
     ap.add_argument("--dtype", default="auto", help="--process: gpt2kit generate's --dtype")
     ap.add_argument("--work", default=None, help="folder for the model and conversions (default: a temp dir)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one system, driven by the parent
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        if args.process:
+        if args.child:
+            child(args, work)
+        elif args.process:
             process_wall_time(args, work)
         else:
             speed(args, work)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from gpt2kit.generation.config import SamplingConfig
 from gpt2kit.generation.engine import DecodeStep, Engine, Event, FinishEvent, Row
 from gpt2kit.model.gpt2 import GPT2
+from gpt2kit.openmp import release_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,10 @@ class Worker:
         self._inbox: deque[Request] = deque()  # submitted, not yet handed to the engine
         self._requests: set[Request] = set()  # submitted and not finished
         self._stopped = False
+        # Loading the model and allocating the cache gave this thread OpenMP workers; with
+        # the engine thread's own, the process would hold more than its cores and every
+        # step would pay for parked workers (gpt2kit.openmp).
+        release_thread_pool()
         self._thread = threading.Thread(target=self._loop, name="gpt2kit-engine", daemon=True)
         self._thread.start()
 
