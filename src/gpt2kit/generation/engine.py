@@ -225,7 +225,7 @@ class Engine:
         self.model = model
         self.device = model.wte.weight.device
         if self.device.type == "cpu":
-            use_decode_layout(model)  # bit-identical, ~1.5x faster matrix-vector products on CPU
+            use_decode_layout(model)  # faster matrix-vector products on CPU (benchmarks/README.md)
         max_len = min(max_len or config.n_positions, config.n_positions)
         self.cache = SlotCache(model, slots=slots, max_len=max_len, step=step)
         self.slots = slots

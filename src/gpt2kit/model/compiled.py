@@ -185,9 +185,9 @@ def compiled_step(
 class TieredStep:
     """A step for up to `many.slots` rows that runs one row on `one`, a step built for exactly
     one row. A batch of one is a static shape there, and inductor's kernels for it are faster
-    than the dynamic-batch ones (gpt2 124M, bf16, 2-core AVX512 CPU: 87 against 56 steps/s;
-    benchmarks/README.md), and one row is what a lone request, or the last row of a batch,
-    decodes. The engine packs running rows into the first slots, so a lone row is in slot 0."""
+    than the dynamic-batch ones (benchmarks/README.md, "Generation"), and one row is what a
+    lone request, or the last row of a batch, decodes. The engine packs running rows into the
+    first slots, so a lone row is in slot 0."""
 
     def __init__(self, one: CompiledStep, many: CompiledStep) -> None:
         if one.slots != 1:

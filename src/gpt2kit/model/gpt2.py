@@ -383,8 +383,9 @@ def use_decode_layout(model: nn.Module) -> None:
     """Lay every Linear/Embedding weight out [in, out] in memory; values and shapes unchanged.
 
     One-token decoding is a matrix-vector product per weight, bound by memory bandwidth.
-    On CPU, `x @ W.T` streams a weight stored [in, out] (the `W.T` contiguous) about 1.5x
-    faster than one stored [out, in] (benchmarks/README.md), and the result is bit-identical.
+    On CPU, `x @ W.T` streams a weight stored [in, out] (the `W.T` contiguous) faster than
+    one stored [out, in] (benchmarks/README.md, "Decode weight layout"). The GEMM may sum in
+    another order, so logits agree to float rounding, not always to the bit.
     The parameters stay the same objects (a strided view), so training, `state_dict` and
     `save_pretrained` work as before. Idempotent.
 
