@@ -103,6 +103,17 @@ def hf_model(seed: int = 0, **overrides: Any):
     return model.eval()
 
 
+def from_hf(hf) -> GPT2:
+    """Our GPT2 holding a `transformers` model's weights (its config, its state dict), in eval mode."""
+    from gpt2kit.model.checkpoint import from_hf_state_dict
+
+    config = GPT2Config.from_hf_dict(hf.config.to_dict())
+    with torch.device("meta"):
+        ours = GPT2(config)
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), ours), assign=True)
+    return ours.eval()
+
+
 def write_gpt2_tokenizer(path: Path) -> None:
     """GPT-2's vocab.json + merges.txt (+ tokenizer_config.json) into a model directory."""
     Tokenizer.gpt2().save(path)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_model, tiny_model
+from conftest import from_hf, hf_model, tiny_model
 from gpt2kit.errors import ConfigError
 from gpt2kit.generation.config import SamplingConfig
 from gpt2kit.generation.engine import Engine, FinishEvent, PromptEvent, TokenEvent
 from gpt2kit.generation.generate import generate
-from gpt2kit.model.checkpoint import from_hf_state_dict
-from gpt2kit.model.config import GPT2Config
 from gpt2kit.model.gpt2 import GPT2
 
 PROMPTS = [[464, 3290, 318], [15496] * 11, [40, 1101], [50256], list(range(100, 140))]
@@ -21,11 +19,7 @@ EOS = 50256
 @pytest.fixture(scope="module")
 def model() -> GPT2:
     hf = hf_model(seed=3, vocab_size=50257, n_positions=256, n_embd=32, n_layer=2, n_head=4)
-    config = GPT2Config.from_hf_dict(hf.config.to_dict())
-    with torch.device("meta"):
-        ours = GPT2(config)
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), ours), assign=True)
-    return ours.eval()
+    return from_hf(hf)
 
 
 def run(engine: Engine) -> list:

@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_model
-from gpt2kit.model.checkpoint import from_hf_state_dict
-from gpt2kit.model.config import GPT2Config
-from gpt2kit.model.gpt2 import GPT2
+from conftest import from_hf, hf_model
 from gpt2kit.server.attribution import direct_logit_attribution
 
 IDS = [464, 9379, 6497, 510, 262, 2613, 780, 340]  # "The robot picked up the ball because it"
@@ -18,11 +15,7 @@ N_LAYER, N_HEAD, C = 3, 4, 48
 @pytest.fixture(scope="module")
 def models():
     hf = hf_model(seed=11, vocab_size=50257, n_positions=64, n_embd=C, n_layer=N_LAYER, n_head=N_HEAD)
-    config = GPT2Config.from_hf_dict(hf.config.to_dict())
-    with torch.device("meta"):
-        ours = GPT2(config)
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), ours), assign=True)
-    return ours.eval(), hf
+    return from_hf(hf), hf
 
 
 @torch.no_grad()

@@ -12,11 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import hf_model, tiny_model
+from conftest import from_hf, hf_model, tiny_model
 from gpt2kit.generation.generate import generate
-from gpt2kit.model.checkpoint import from_hf_state_dict
-from gpt2kit.model.config import GPT2Config
-from gpt2kit.model.gpt2 import GPT2
 from gpt2kit.server import explorer
 from gpt2kit.server.attribution import direct_logit_attribution
 from gpt2kit.tokenizer.tokenizer import Tokenizer
@@ -29,11 +26,7 @@ IDS = [464, 9379, 6497, 510, 262, 2613, 780, 340]  # "The robot picked up the ba
 def models():
     hf = hf_model(seed=5, vocab_size=50257, n_positions=64, n_embd=48, n_layer=3, n_head=4)
     hf.config._attn_implementation = "eager"  # so output_attentions returns the weights
-    config = GPT2Config.from_hf_dict(hf.config.to_dict())
-    with torch.device("meta"):
-        ours = GPT2(config)
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), ours), assign=True)
-    return ours.eval(), hf
+    return from_hf(hf), hf
 
 
 def test_attention_matches_transformers(models) -> None:
