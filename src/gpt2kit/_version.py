@@ -1,5 +1,3 @@
-"""The installed package's version, read from its metadata (pyproject.toml is the one place it is written)."""
+"""The package's version: the one place it is written (pyproject.toml reads it from here)."""
 
-from importlib.metadata import version
-
-__version__ = version("gpt2kit")
+__version__ = "0.1.0"
