@@ -27,7 +27,7 @@ PACKAGE = SRC / "gpt2kit"
 # <- evals <- training <- server/cli. The top-level `gpt2kit` re-exports the public names.
 LAYERS: list[set[str]] = [
     {"errors", "atomic", "_version"},
-    {"device", "openmp"},
+    {"device", "openmp", "faults"},
     {"tokenizer"},
     {"data"},
     {"model"},

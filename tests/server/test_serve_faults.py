@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pause_helpers import pause_env, wait_paused
 from server_helpers import MODEL_NAME, make_model_dir
 
 N_CTX = 4096  # long enough that a full-length request runs for minutes: cancelling must free it
@@ -51,7 +52,8 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, *, pause_at: str | None = None, marker: Path | None = None) -> None:
+        """Start (or restart) the server; `pause_at` arms a pause point (gpt2kit.faults) in it."""
         cmd = [
             sys.executable,
             "-m",
@@ -64,7 +66,8 @@ class Server:
         ]
         cmd += ["--port", str(self.port), "--threads", "1", "--max-pending", str(MAX_PENDING), "--no-compile"]
         cmd += ["--max-batch-size", str(16 * MAX_PENDING)]  # every row of every slot decodes at once
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = pause_env(marker, pause_at)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 120
         while True:
             with contextlib.suppress(httpx.TransportError):
@@ -224,10 +227,12 @@ def test_more_requests_than_the_queue_holds_get_429_with_retry_after(server: Ser
             assert retried.status_code == 200
 
 
-def test_sigkill_under_load_then_restart(model_dir: Path) -> None:
-    """The server process dies mid-load at a random moment; clients get an error, not a hang;
-    the restarted server serves again on the same port."""
-    s = Server(model_dir, free_port())
+def test_sigkill_under_load_then_restart(model_dir: Path, tmp_path: Path) -> None:
+    """The server process dies mid-load; clients get an error, not a hang; the restarted
+    server serves again on the same port. Each round the engine pauses before a chosen
+    decoding step (gpt2kit.faults) and the server is killed there, with every client's
+    request held: no sleep decides, so no stream can have finished first on a fast machine."""
+    s, marker = Server(model_dir, free_port()), tmp_path / "paused"
 
     def stream() -> str:
         """How the stream ended: "done" (it finished) or "cut" (the server died under it)."""
@@ -240,14 +245,17 @@ def test_sigkill_under_load_then_restart(model_dir: Path) -> None:
         except httpx.HTTPError:  # what a client sees when the server dies mid-response
             return "cut"
 
-    for _ in range(3):
-        s.start()
+    for step in (1, 40, 300):  # before the first decoding step, and later ones
+        s.start(pause_at=f"serve.engine_step:{step}", marker=marker)
         with ThreadPoolExecutor(MAX_PENDING) as pool:
             clients = [pool.submit(stream) for _ in range(MAX_PENDING)]
-            while s.load() < MAX_PENDING:  # all of them running
+            wait_paused(s.proc, marker)
+            deadline = time.monotonic() + 60
+            while s.load() < MAX_PENDING:  # all of them admitted (HTTP answers while the engine waits)
+                assert time.monotonic() < deadline, f"only {s.load()} of {MAX_PENDING} requests arrived"
                 time.sleep(0.01)
-            time.sleep(random.uniform(0.0, 1.0))
             s.kill()
+            marker.unlink()
             outcome = [c.result(timeout=120) for c in clients]  # a client that hung fails here
         assert outcome == ["cut"] * MAX_PENDING  # cut short, and told so by the connection
     s.start()

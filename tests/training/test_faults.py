@@ -1,22 +1,20 @@
 """Fault tests: real `gpt2kit prepare` and `gpt2kit train` processes killed with SIGKILL at
-random moments, then rerun or resumed; nothing they saved may be lost or read half written.
+chosen moments, then rerun or resumed; nothing they saved may be lost or read half written.
 
-Each test kills several times, at different moments, and records where each kill landed
-(a temporary file or directory left behind means it landed mid-write). The counts and
-times are bounded; everything stays in tmp_path. docs/reliability.md lists what these
-prove. (`gpt2kit serve` under faults and load: tests/server/test_serve_faults.py.)
+Each test kills several times, at different moments. A moment is a named pause point
+(gpt2kit.faults): the process stops there and says so in a file, and the test kills it then,
+so every kill lands where the test means on any machine, fast or slow (a sleep would race
+it). The test then checks that the moment left what it should on disk (a temporary file or
+directory means the kill landed mid-write). Everything stays in tmp_path. docs/reliability.md
+lists what these prove. (`gpt2kit serve` under faults and load: tests/server/test_serve_faults.py.)
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,32 +26,18 @@ from gpt2kit.errors import DataError
 from gpt2kit.training.checkpoint import checkpoint_dirs, latest_checkpoint, verify
 from gpt2kit.training.loop import train
 from gpt2kit.training.metrics import read_metrics
+from pause_helpers import kill_paused, pause_env
 from train_helpers import config, make_data, tiny_args
 
-KILLS = 4  # kills per test, each at another moment
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-
-def gpt2kit(*args: str) -> subprocess.Popen:
+def gpt2kit(*args: str, marker: Path, at: str | None = None) -> subprocess.Popen:
+    """`gpt2kit ARGS` in a child process that pauses at `at` ("NAME:N"), if given."""
     return subprocess.Popen(
-        [sys.executable, "-m", "gpt2kit", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV
+        [sys.executable, "-m", "gpt2kit", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=pause_env(marker, at, OMP_NUM_THREADS="1"),
     )
-
-
-def kill_when(
-    proc: subprocess.Popen, ready: Callable[[], bool], *, jitter: float, timeout: float = 120
-) -> bool:
-    """SIGKILL `proc` a random 0..`jitter` seconds after `ready()` first holds; False if it exited first."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            return False
-        assert time.monotonic() < deadline, "the process never reached the moment to kill it"
-        time.sleep(0.001)
-    time.sleep(random.uniform(0.0, jitter))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return proc.returncode == -signal.SIGKILL
 
 
 # --- gpt2kit prepare, killed mid-shard -------------------------------------------------------------
@@ -103,24 +87,28 @@ def test_prepare_killed_mid_shard_never_leaves_a_torn_shard(corpus: Path, tmp_pa
     ref_shards = {p.name: p.read_bytes() for p in shard_files(reference)}
     assert len(ref_shards) > 10
 
-    out = tmp_path / "killed"
+    out, marker = tmp_path / "killed", tmp_path / "paused"
     args = ["prepare", str(corpus), "--out", str(out), "--shard-tokens", str(SHARD_TOKENS), "--workers", "1"]
-    mid_shard = 0
-    for _ in range(KILLS):
-        proc = gpt2kit(*args, "--no-progress")
-        # Some moment after the first shard is being written: a shard's temporary file exists.
-        if not kill_when(proc, lambda: bool(temp_files(out)), jitter=0.5):
-            continue
-        mid_shard += bool([p for p in temp_files(out) if ".bin." in p.name])
+    # The run writes its shards' bytes in 41 pieces (SHARD_TOKENS and the documents decide
+    # how many): kill it after the 1st (in the first shard, none finished), the 9th, the
+    # 23rd and the 40th (the last train shard, with a full shard's bytes written, not renamed).
+    for nth in (1, 9, 23, 40):
+        proc = gpt2kit(*args, "--no-progress", marker=marker, at=f"prepare.mid_shard:{nth}")
+        assert kill_paused(proc, marker) == f"prepare.mid_shard:{nth}"
+        # The kill landed mid-shard: a shard's temporary file holds bytes, not yet renamed
+        # (the val split's shard may be open beside the train split's).
+        writing = [p for p in temp_files(out) if ".bin." in p.name]
+        assert writing and all(p.stat().st_size > 0 for p in writing), writing
         # What a reader sees now: no meta.json, so no data at all, never a partial set of shards.
         with pytest.raises(DataError, match=r"no meta\.json"):
             TokenData.open(out)
         # Every shard under its real name is complete: byte-identical to the finished run's.
-        for shard in shard_files(out):
+        shards = shard_files(out)
+        assert nth == 1 or shards, "no finished shard to compare"
+        for shard in shards:
             assert shard.read_bytes() == ref_shards[shard.name], f"{shard.name} is torn"
-    assert mid_shard >= 1, "no kill landed while a shard was being written"
 
-    rerun = gpt2kit(*args, "--no-progress")
+    rerun = gpt2kit(*args, "--no-progress", marker=marker)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     assert (out / "meta.json").read_bytes() != b""
@@ -151,35 +139,33 @@ def test_train_killed_mid_checkpoint_resumes_bit_identical(tmp_path: Path) -> No
     """Checkpoint every step, kill -9 while one is being written, resume with `gpt2kit train --resume`."""
     data = make_data(tmp_path / "data")
     train(config(data, **TRAIN), tmp_path / "ref")  # uninterrupted, in this process
-    run = tmp_path / "killed"
+    run, marker = tmp_path / "killed", tmp_path / "paused"
 
-    def writing_checkpoint() -> bool:
-        return any(p.name.startswith(".ckpt-") for p in run.glob(".ckpt-*.tmp"))
-
-    def writing_another_checkpoint() -> bool:  # there is one to resume from
-        return writing_checkpoint() and bool(complete_checkpoints(run))
-
-    mid_write, resumed_from = 0, []
-    for round in range(KILLS):
-        args = (
-            tiny_args(data, run, **TRAIN) if round == 0 else ["train", "--resume", str(run), "--no-progress"]
-        )
+    # (where the process pauses, the checkpoint being written then, the newest complete one).
+    # The N in NAME:N counts from the process's start, and a resumed run writes its first
+    # checkpoint one step after the one it resumed from.
+    rounds = [
+        ("checkpoint.mid_write:2", 2, 1),  # the first run, mid-way through its 2nd checkpoint
+        ("checkpoint.renamed:2", None, 3),  # resumed at 1: ckpt-3 in place, `latest` still says 2
+        ("checkpoint.mid_write:3", 6, 5),  # resumed at 3: 4 and 5 written, mid-way through 6
+        ("checkpoint.mid_write:1", 6, 5),  # resumed at 5: mid-way through its very first one
+    ]
+    for i, (at, writing, newest) in enumerate(rounds):
+        args = tiny_args(data, run, **TRAIN) if i == 0 else ["train", "--resume", str(run), "--no-progress"]
         before = latest_checkpoint(run)
-        proc = gpt2kit(*args)
-        # Even rounds kill as soon as a write is seen (a tiny model's checkpoint is written in
-        # milliseconds, so a random delay alone may miss every write), odd rounds a moment later.
-        if not kill_when(proc, writing_another_checkpoint, jitter=0.0 if round % 2 == 0 else 0.05):
-            break  # the run finished; the final resume below is then a no-op check
-        mid_write += writing_checkpoint()
+        assert kill_paused(gpt2kit(*args, marker=marker, at=at), marker) == at
+        # Where the kill landed: inside a checkpoint's hidden temporary directory, or just
+        # after its rename, before `latest` was moved on to it.
+        assert [p.name for p in run.glob(".ckpt-*")] == ([f".ckpt-{writing:06d}.tmp"] if writing else [])
+        if writing is None:
+            assert (run / "latest").read_text().strip() == f"ckpt-{newest - 1:06d}"
         # Resume will pick the newest checkpoint whose every file matches its manifest.
         complete = complete_checkpoints(run)
         ckpt = latest_checkpoint(run)
-        assert ckpt is not None and ckpt.step == max(complete)
+        assert ckpt is not None and ckpt.step == max(complete) == newest
         assert before is None or ckpt.step >= before.step  # nothing saved was lost
-        resumed_from.append(ckpt.step)
-    assert mid_write >= 1, "no kill landed while a checkpoint was being written"
 
-    resume = gpt2kit("train", "--resume", str(run), "--no-progress")
+    resume = gpt2kit("train", "--resume", str(run), "--no-progress", marker=marker)
     _, err = resume.communicate(timeout=300)
     assert resume.returncode == 0, err.decode()
     ref_bytes = (tmp_path / "ref" / "final" / "model.safetensors").read_bytes()

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from gpt2kit.training.loop import NonFiniteLossError, resume_config, train
 from gpt2kit.training.metrics import read_metrics
 from gpt2kit.training.optim import adamw_groups
 from gpt2kit.training.run import autocast_dtype
+from pause_helpers import kill_paused, pause_env, wait_paused
 from train_helpers import config, make_data, tiny_args
 
 
@@ -226,34 +225,35 @@ def test_truncated_checkpoint_falls_back_to_previous(
 
 
 @pytest.mark.parametrize(
-    "recipe",
-    [{"optimizer": "adamw"}, {"optimizer": "muon", "schedule": "wsd", "muon_weight_decay": 0.1}],
+    ("recipe", "moment", "resumed_from"),
+    [
+        ({"optimizer": "adamw"}, "train.mid_step:11", 9),
+        ({"optimizer": "muon", "schedule": "wsd", "muon_weight_decay": 0.1}, "train.mid_eval:2", 9),
+    ],
     ids=["adamw", "muon"],
 )
-def test_resume_after_sigkill_is_bit_identical(data_dir: Path, tmp_path: Path, recipe: dict) -> None:
-    """Kill -9 a training process at a random moment after its first checkpoint, resume it, and
-    compare the final weights with an uninterrupted run, byte for byte."""
+def test_resume_after_sigkill_is_bit_identical(
+    data_dir: Path, tmp_path: Path, recipe: dict, moment: str, resumed_from: int
+) -> None:
+    """Kill -9 a training process after its first checkpoints (AdamW mid-way through step 11,
+    Muon mid-way through the evaluation at step 12), resume it, and compare the final weights
+    with an uninterrupted run, byte for byte. The process pauses at the moment (gpt2kit.faults)
+    and is killed there, so the kill can't miss it on a fast machine."""
     settings = {"max_steps": 24, "ckpt_interval": 3, "eval_interval": 6, "log_interval": 1, "dropout": 0.1}
     settings |= recipe
     train(config(data_dir, **settings), tmp_path / "ref")  # uninterrupted, in this process
 
-    run = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run, marker = tmp_path / "killed", tmp_path / "paused"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpt2kit", *tiny_args(data_dir, run, **settings)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
+        stderr=subprocess.PIPE,
+        env=pause_env(marker, moment, OMP_NUM_THREADS="1"),
     )
-    deadline = time.monotonic() + 60
-    while not checkpoint_dirs(run) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 0.3))  # any moment: mid-step, mid-eval or mid-checkpoint
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if proc.returncode == 0:
-        pytest.skip("the run finished before it could be killed (machine too fast)")
+    assert kill_paused(proc, marker) == moment
     assert not (run / "final").exists()
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and ckpt.step == resumed_from  # the steps after it are trained again
 
     train(resume_config(run), run, resume=True)  # what `gpt2kit train --resume RUN` runs
     ref_bytes = (tmp_path / "ref" / "final" / "model.safetensors").read_bytes()
@@ -266,26 +266,31 @@ def test_resume_after_sigkill_is_bit_identical(data_dir: Path, tmp_path: Path, r
 
 
 def test_ctrl_c_saves_a_checkpoint(data_dir: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
+    """Ctrl-C mid-way through step 12 (the process paused there: gpt2kit.faults): the step ends,
+    a checkpoint of step 12 is written, and the run exits 130 saying how to resume."""
+    run, marker = tmp_path / "run", tmp_path / "paused"
     args = tiny_args(data_dir, run, max_steps=100000, ckpt_interval=100000, eval_interval=100000)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpt2kit", *args],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=pause_env(marker, "train.mid_step:12", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():
-        time.sleep(0.05)
-    while time.monotonic() < deadline and not (run / "metrics.jsonl").read_text().strip():
-        time.sleep(0.05)
+    wait_paused(proc, marker)
     proc.send_signal(signal.SIGINT)
+    # The paused process runs the handler, which says so; only then is it let go on.
+    assert proc.stderr is not None
+    said = []
+    while not (said and "interrupt: saving a checkpoint" in said[-1]):
+        said.append(proc.stderr.readline())
+        assert said[-1], f"the run ended without noticing the interrupt: {''.join(said)}"
+    marker.unlink()
     _, err = proc.communicate(timeout=60)
+    err = "".join(said) + err
     assert proc.returncode == 130, err
     ckpt = latest_checkpoint(run)
-    assert ckpt is not None and ckpt.step >= 10
+    assert ckpt is not None and ckpt.step == 12
     assert f"gpt2kit train --resume {run}" in err
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from gpt2kit.data import shards as token_data
 from gpt2kit.data.corpora import Corpus, open_corpus
 from gpt2kit.errors import ConfigError, DataError
+from gpt2kit.faults import pause_point
 from gpt2kit.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -379,6 +380,8 @@ def _shard_sink(path: Path) -> Generator[None, np.ndarray | None, None]:
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
         while (ids := (yield)) is not None:
             f.write(ids.tobytes())
+            f.flush()  # a process killed from here on leaves these bytes in the temporary file
+            pause_point("prepare.mid_shard")
 
 
 def _join(docs: list[list[int]], *, eot: int, dtype: np.dtype) -> np.ndarray:

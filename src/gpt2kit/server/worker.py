@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from gpt2kit.faults import pause_point
 from gpt2kit.generation.config import SamplingConfig
 from gpt2kit.generation.engine import DecodeStep, Engine, Event, FinishEvent, Row
 from gpt2kit.model.gpt2 import GPT2
@@ -151,6 +152,7 @@ class Worker:
                 admitted = self._take()
             for request in admitted:
                 self._add(request, owners)
+            pause_point("serve.engine_step")
             try:
                 events: list = self.engine.step()
             except Exception as e:  # keep serving: fail this batch's rows, not the server

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from gpt2kit import atomic
 from gpt2kit.device import cuda_available, cuda_device_count
 from gpt2kit.errors import CheckpointError
+from gpt2kit.faults import pause_point
 from gpt2kit.model.checkpoint import save_model
 from gpt2kit.model.gpt2 import GPT2
 from gpt2kit.tokenizer.tokenizer import Tokenizer
@@ -135,12 +136,14 @@ def save_checkpoint(
 
     def fill(tmp: Path) -> None:
         save_model(model, tmp, tokenizer=tokenizer)
+        pause_point("checkpoint.mid_write")
         with atomic.atomic_path(tmp / "trainer.safetensors") as f:
             save_file(tensors, f)
         atomic.write_text(tmp / "trainer.json", json.dumps(full_state, indent=1) + "\n")
 
     path = run_dir / ckpt_name(step)
     write_dir(path, fill)
+    pause_point("checkpoint.renamed")
     atomic.write_text(run_dir / "latest", path.name + "\n")
     best = state.get("best_step")
     if best == step:

@@ -48,6 +48,7 @@ from torch import nn
 
 from gpt2kit.data.batches import BlockSampler
 from gpt2kit.errors import CheckpointError, Gpt2kitError
+from gpt2kit.faults import pause_point
 from gpt2kit.model.checkpoint import save_model
 from gpt2kit.model.config import GPT2Config
 from gpt2kit.training.checkpoint import ckpt_name, save_checkpoint, write_dir
@@ -192,6 +193,7 @@ def _optimizer_step(run: Run, lr_mult: float) -> tuple[torch.Tensor, torch.Tenso
                 loss = run.model(x, y).loss * (1.0 / len(micros))
             loss.backward()
         loss_sum += loss.detach()
+    pause_point("train.mid_step")
     norm = run.parallel.clip_grad_norm(run.raw_model, cfg.grad_clip or math.inf)
     run.parallel.mean(loss_sum)
     if bool(torch.isfinite(norm) & torch.isfinite(loss_sum)):
@@ -248,6 +250,7 @@ def _log(run: Run, clock: _Clock, loss: torch.Tensor, norm: torch.Tensor, lr_mul
 def _evaluate(run: Run, clock: _Clock) -> None:
     samplers = {"train": run.train_sampler, "val": run.val_sampler}
     losses = estimate_loss(run.eval_model, samplers, run.cfg, run.parallel, run.autocast)
+    pause_point("train.mid_eval")
     train_eval, clock.val_loss = losses["train"], losses.get("val")
     score = clock.val_loss if clock.val_loss is not None else train_eval
     if run.best_val is None or score < run.best_val:
@@ -296,6 +299,7 @@ def _checkpoint(run: Run, clock: _Clock) -> None:
     else:  # so that every rank's NaN message names the checkpoint rank 0 wrote
         run.last_checkpoint = run.run_dir / ckpt_name(run.step)
     run.saved_step = run.step
+    pause_point("train.after_checkpoint")
     run.parallel.barrier()
 
 
