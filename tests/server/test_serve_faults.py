@@ -207,24 +207,41 @@ def test_a_slow_client_does_not_stall_the_others(server: Server) -> None:
     server.wait_idle()
 
 
-def test_more_requests_than_the_queue_holds_get_429_with_retry_after(server: Server) -> None:
-    with health_watch(server):
-        for _ in range(2):
-            responses = concurrently(
-                lambda: complete(server, max_tokens=random.randint(20, 60)), 4 * MAX_PENDING
-            )
-            codes = sorted(r.status_code for r in responses)
-            assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
-            for r in responses:
-                if r.status_code == 429:
-                    assert int(r.headers["Retry-After"]) >= 1
-                    assert r.json()["error"]["code"] == "rate_limit_exceeded"
-                else:
-                    assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
-            server.wait_idle()
-            # A client that honours Retry-After gets through.
-            retried = complete(server)
-            assert retried.status_code == 200
+def test_more_requests_than_the_queue_holds_get_429_with_retry_after(model_dir: Path, tmp_path: Path) -> None:
+    """A burst of 4x the queue while the engine is held before its first step (a pause point,
+    gpt2kit.faults), so no request can finish and make room, whatever the machine's speed:
+    exactly `MAX_PENDING` are admitted and the rest get 429. Let go, the admitted ones
+    complete, and a client that honours Retry-After gets through."""
+    s, marker = Server(model_dir, free_port()), tmp_path / "paused"
+    s.start(pause_at="serve.engine_step:1", marker=marker)
+    try:
+        with health_watch(s), ThreadPoolExecutor(4 * MAX_PENDING) as pool:
+            burst = [
+                pool.submit(complete, s, max_tokens=random.randint(20, 60)) for _ in range(4 * MAX_PENDING)
+            ]
+            wait_paused(s.proc, marker)
+            deadline = time.monotonic() + 120
+            # Until every request is admitted (held) or answered (refused); more than
+            # MAX_PENDING admitted would never get here.
+            while (refused := sum(f.done() for f in burst)) < 3 * MAX_PENDING or s.load() < MAX_PENDING:
+                assert time.monotonic() < deadline, f"{refused} answered, {s.load()} held"
+                time.sleep(0.01)
+            assert s.load() == MAX_PENDING
+            marker.unlink()  # the engine goes on
+            responses = [f.result(timeout=120) for f in burst]
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [200] * MAX_PENDING + [429] * (3 * MAX_PENDING), codes
+        for r in responses:
+            if r.status_code == 429:
+                assert int(r.headers["Retry-After"]) >= 1
+                assert r.json()["error"]["code"] == "rate_limit_exceeded"
+            else:
+                assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        s.wait_idle()
+        # A client that honours Retry-After gets through.
+        assert complete(s).status_code == 200
+    finally:
+        s.kill()
 
 
 def test_sigkill_under_load_then_restart(model_dir: Path, tmp_path: Path) -> None:
