@@ -250,13 +250,14 @@ def test_sigkill_under_load_then_restart(model_dir: Path, tmp_path: Path) -> Non
     decoding step (gpt2kit.faults) and the server is killed there, with every client's
     request held: no sleep decides, so no stream can have finished first on a fast machine."""
     s, marker = Server(model_dir, free_port()), tmp_path / "paused"
+    # The end-of-text token banned: a sampled one would end a request before the kill
+    # (about 1 in 50,000 per token), and the kill must find all of them running.
+    body = {**LONG, "stream": True, "logit_bias": {"50256": -100}}
 
     def stream() -> str:
         """How the stream ended: "done" (it finished) or "cut" (the server died under it)."""
         try:
-            with httpx.stream(
-                "POST", f"{s.url}/v1/completions", json={**LONG, "stream": True}, timeout=120
-            ) as r:
+            with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=120) as r:
                 lines = list(r.iter_lines())
             return "done" if lines and lines[-1] == "data: [DONE]" else "cut"
         except httpx.HTTPError:  # what a client sees when the server dies mid-response
@@ -269,7 +270,10 @@ def test_sigkill_under_load_then_restart(model_dir: Path, tmp_path: Path) -> Non
             wait_paused(s.proc, marker)
             deadline = time.monotonic() + 60
             while s.load() < MAX_PENDING:  # all of them admitted (HTTP answers while the engine waits)
-                assert time.monotonic() < deadline, f"only {s.load()} of {MAX_PENDING} requests arrived"
+                ended = [c.result() for c in clients if c.done()]
+                assert time.monotonic() < deadline, (
+                    f"{s.load()} of {MAX_PENDING} requests held; ended: {ended}"
+                )
                 time.sleep(0.01)
             s.kill()
             marker.unlink()
