@@ -31,9 +31,9 @@ from dataclasses import dataclass
 class Slice:
     """One piece of the engine thread's work: a decode step or an Explorer job."""
 
-    kind: str  # "step" or "job"
+    kind: str  # "step", "job", or "idle" (nothing decoding: the balance was reset)
     seconds: float
-    busy: bool  # rows were decoding when it ran (always True for a step)
+    busy: bool  # rows were decoding when it ran (True for a step, False for idle)
 
 
 class TimeShare:
@@ -66,3 +66,5 @@ class TimeShare:
     def idle(self) -> None:
         """Nothing is decoding: the next completion starts with a clean balance."""
         self.balance = 0.0
+        if not self.log or self.log[-1].kind != "idle":
+            self.log.append(Slice("idle", 0.0, False))
