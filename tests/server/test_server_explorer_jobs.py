@@ -110,7 +110,8 @@ def test_explorer_answers_while_a_completion_streams(model_dir: Path) -> None:
             with ThreadPoolExecutor(2) as pool:
                 busy = list(pool.map(lambda call: client.post(call[0], json=call[1]), CALLS * 2))
             still_streaming = s.worker.engine.busy
-            log = list(s.worker.share.log)
+            # Copied on the engine thread, which appends to it.
+            log = s.worker.call(lambda: list(s.worker.share.log)).result(timeout=60)
         assert still_streaming, "the completion ended before the Explorer was answered"
         assert [r.json() for r in busy] == [r.json() for r in idle] * 2
         busy_jobs, steps = replay(log, s.worker.share.share)

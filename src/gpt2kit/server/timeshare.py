@@ -11,6 +11,7 @@ and cost nothing: there is no decoding to protect.
 With `share` = 1/16 a stream of Explorer jobs takes at most about 6% of a busy engine
 thread (plus the one job that was running when the completion arrived), so decoding keeps
 at least ~0.94x its speed alone (benchmarks/bench_serve.py --explorer-load measures it).
+Jobs are not preempted: the longest pause a stream sees is one job.
 
 >>> share = TimeShare(share=0.25)
 >>> share.may_run(busy=True)
@@ -39,8 +40,8 @@ class Slice:
 class TimeShare:
     """The Explorer's budget on the engine thread (see the module docstring).
 
-    `log` keeps the last `keep` slices in order, for `/health`-style inspection and for the
-    tests that check the rule against the durations it was given.
+    `log` keeps the last `keep` slices in order (engine thread only), so a test can replay
+    the rule against the very durations it was given.
     """
 
     def __init__(self, *, share: float, keep: int = 4096) -> None:
