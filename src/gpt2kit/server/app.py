@@ -68,8 +68,12 @@ ERRORS = {
         (401, "missing or wrong API key"),
         (413, "request body too large"),
         (429, "too many requests in flight (with a Retry-After header)"),
-        (503, "the engine thread has failed (the message says why); restart the server"),
     ]
+}
+# The routes that run the model also answer 503 once the engine thread has failed.
+MODEL_ERRORS = {
+    **ERRORS,
+    503: {"model": ErrorResponse, "description": "the engine thread has failed (the message says why)"},
 }
 
 
@@ -111,12 +115,12 @@ def create_app(
     bearer = [Security(HTTPBearer(auto_error=False))] if api_key else []
     app.include_router(_health_router(worker, model_name, auth_required=api_key is not None))
     ctx = Context(worker, tokenizer, model_name, limits or Limits())
-    for router in (
-        _openai_router(ctx),
-        explorer_router(model, tokenizer, worker),
-        _tokenizer_router(model, tokenizer, model_name),
+    for router, errors in (
+        (_openai_router(ctx), MODEL_ERRORS),
+        (explorer_router(model, tokenizer, worker), MODEL_ERRORS),
+        (_tokenizer_router(model, tokenizer, model_name), ERRORS),
     ):
-        app.include_router(router, dependencies=bearer, responses=ERRORS)
+        app.include_router(router, dependencies=bearer, responses=errors)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
