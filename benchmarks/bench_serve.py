@@ -14,8 +14,16 @@ run, CTranslate2 float32 decoding the same model at batch 1 in this process. Pri
 client's tokens/s against CTranslate2's (target >= 1.5x), 8 clients against one (target
 >= 3x) and TTFT p50/p99.
 
+`--explorer-load`: a random gpt2 124M served with the server's defaults (plus `--serve-flag`s),
+one streaming client decoding alone, then while two clients keep the Explorer busy
+(`/api/next`, `/api/surprise`, `/api/attention` in turn, each asking again as soon as it is
+answered), alternating `--rounds` times. Prints the streaming request's decode tokens/s
+(tokens after the first over the time from the first to the last) alone and under
+Explorer load (target >= 0.9x), and what the Explorer clients got (answers, 429s, latency).
+
     .venv/bin/python benchmarks/bench_serve.py                 # small random model, ~1-2 min
     .venv/bin/python benchmarks/bench_serve.py --gpt2          # gpt2 124M vs CTranslate2
+    .venv/bin/python benchmarks/bench_serve.py --explorer-load --serve-flag=--no-compile
 """
 
 from __future__ import annotations
@@ -196,6 +204,121 @@ def gpt2_vs_ctranslate2(args: argparse.Namespace) -> None:
     print(f"8 clients / one client: {eight['tokens_per_s'] / one['tokens_per_s']:.2f}x (target >= 3x)")
 
 
+EXPLORER_TEXT = (
+    "The old lighthouse keeper climbed the spiral stairs each evening, counting the steps as his "
+    "father had taught him, and when he reached the lamp room he wiped the salt from the glass, "
+    "trimmed the wick and waited for the ships that no longer came."
+)
+
+
+def explorer_calls(url: str) -> list[tuple[str, dict]]:
+    """What each Explorer client asks, in turn: attention is a middle layer's middle head."""
+    shape = httpx.post(f"{url}/api/attention", json={"text": "Hi"}, timeout=600).json()
+    layer, head = shape["n_layer"] // 2, shape["n_head"] // 2
+    return [
+        ("/api/next", {"text": EXPLORER_TEXT, "k": 10}),
+        ("/api/surprise", {"text": EXPLORER_TEXT}),
+        ("/api/attention", {"text": EXPLORER_TEXT, "layer": layer, "head": head}),
+    ]
+
+
+async def explorer_client(client: httpx.AsyncClient, url: str, stop: asyncio.Event, stats: dict) -> None:
+    """Ask the Explorer endpoints in turn, each again as soon as the last one is answered."""
+    for path, body in itertools.cycle(explorer_calls(url)):
+        if stop.is_set():
+            return
+        t0 = time.perf_counter()
+        r = await client.post(f"{url}{path}", json=body)
+        if r.status_code == 200:
+            stats["latency"].append(time.perf_counter() - t0)
+        elif r.status_code == 429:
+            stats["refused"] += 1
+            await asyncio.sleep(0.05)
+        else:
+            stats["errors"] += 1
+            stats.setdefault("first_error", f"{path}: {r.status_code} {r.text[:200]}")
+
+
+async def decode_with_explorer(url: str, *, explorer_clients: int, max_tokens: int) -> dict:
+    """One streaming request's decode rate, with `explorer_clients` Explorer clients running."""
+    stats: dict = {"latency": [], "refused": 0, "errors": 0}
+    stop = asyncio.Event()
+    async with httpx.AsyncClient(timeout=600) as client:
+        helpers = [
+            asyncio.ensure_future(explorer_client(client, url, stop, stats)) for _ in range(explorer_clients)
+        ]
+        if helpers:
+            await asyncio.sleep(1.0)  # the Explorer is busy before the request starts
+        t0 = time.perf_counter()
+        r = await one_request(client, url, "Once upon a time", max_tokens, seed=0)
+        wall = time.perf_counter() - t0
+        stop.set()
+        await asyncio.gather(*helpers)
+    if "error" in r:
+        raise RuntimeError(f"the streaming request failed: {r['error']}")
+    answered = len(stats["latency"])
+    return {
+        "decode_tokens_per_s": len(r["gaps"]) / sum(r["gaps"]),
+        "ttft_ms": 1000 * r["ttft"],
+        "explorer_answers_per_s": answered / wall,
+        "explorer_p50_ms": 1000 * pct(sorted(stats["latency"]), 50),
+        "explorer_refused": stats["refused"],
+        "explorer_errors": stats["errors"],
+        "explorer_first_error": stats.get("first_error", ""),
+    }
+
+
+def explorer_load(args: argparse.Namespace) -> None:
+    """Decode speed of one stream alone and while two clients keep the Explorer busy."""
+    from bench_generate import machine_line, make_model_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        model = args.model or str(work / "gpt2-random")
+        if not args.model and not Path(model).exists():
+            make_model_dir(Path(model))
+        load = os.getloadavg()[0]
+        server = ServerProcess(model, batching=True, threads=None, extra=tuple(args.serve_flag))
+        try:
+            asyncio.run(decode_with_explorer(server.url, explorer_clients=2, max_tokens=8))  # warm-up
+            rows = []
+            for i in range(args.rounds):
+                for clients in (0, 2) if i % 2 == 0 else (2, 0):
+                    r = asyncio.run(
+                        decode_with_explorer(server.url, explorer_clients=clients, max_tokens=args.max_tokens)
+                    )
+                    rows.append({"explorer_clients": clients, **r})
+                    print(
+                        f"{clients} Explorer clients: {r['decode_tokens_per_s']:.1f} tokens/s",
+                        file=sys.stderr,
+                    )
+        finally:
+            server.stop()
+    print(machine_line())
+    print(
+        f"load average {load:.1f} at the start; model {args.model or 'random gpt2 124M'}; server flags: "
+        f"{' '.join(args.serve_flag) or '(defaults)'}; one stream of {args.max_tokens} tokens, {args.rounds} rounds\n"
+    )
+    print(
+        "| Explorer clients | decode tokens/s | TTFT ms | Explorer answers/s | Explorer p50 ms | 429s | errors |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['explorer_clients']} | {r['decode_tokens_per_s']:.1f} | {r['ttft_ms']:.0f} | "
+            f"{r['explorer_answers_per_s']:.1f} | {r['explorer_p50_ms']:.0f} | {r['explorer_refused']} | "
+            f"{r['explorer_errors']} |"
+        )
+    alone = statistics.median(r["decode_tokens_per_s"] for r in rows if r["explorer_clients"] == 0)
+    loaded = statistics.median(r["decode_tokens_per_s"] for r in rows if r["explorer_clients"] == 2)
+    print(f"\ndecode with 2 Explorer clients / alone (medians): {loaded / alone:.2f}x (target >= 0.9x)")
+    errors = [r["explorer_first_error"] for r in rows if r["explorer_first_error"]]
+    if errors:
+        print(f"Explorer errors seen, e.g.: {errors[0]}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -204,7 +327,19 @@ def main() -> None:
     parser.add_argument(
         "--gpt2", action="store_true", help="gpt2 124M with the server's defaults vs CTranslate2"
     )
-    parser.add_argument("--work", default=None, help="--gpt2: folder for the model and its conversion")
+    parser.add_argument(
+        "--explorer-load",
+        action="store_true",
+        help="decode speed of one stream alone and while two clients keep the Explorer busy",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--explorer-load: alone/loaded pairs")
+    parser.add_argument(
+        "--serve-flag",
+        action="append",
+        default=[],
+        help="--explorer-load: a flag for gpt2kit serve (repeat it), e.g. --serve-flag=--no-compile",
+    )
+    parser.add_argument("--work", default=None, help="--gpt2, --explorer-load: folder for the model")
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels")
     parser.add_argument("--requests", type=int, default=32, help="requests per level")
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per request")
@@ -220,6 +355,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.gpt2:
         gpt2_vs_ctranslate2(args)
+        return
+    if args.explorer_load:
+        explorer_load(args)
         return
     levels = [int(c) for c in args.clients.split(",")]
 

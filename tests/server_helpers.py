@@ -6,14 +6,16 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import torch
 import uvicorn
 
 from conftest import hf_model, shakespeare_plays, tiny_model, write_gpt2_tokenizer
+from gpt2kit.generation.engine import DecodeStep, EagerStep
 from gpt2kit.model import GPT2
 from gpt2kit.model.checkpoint import load_tokenizer, save_model
 from gpt2kit.server.app import create_app
@@ -59,11 +61,33 @@ def make_bpe_model_dir(path: Path, *, n_positions: int = 128, vocab_size: int = 
     return path
 
 
+class FaultyStep(EagerStep):
+    """The eager decode step, broken for wide batches: decoding `fail_rows` rows or more at
+    once raises, as a failing kernel or device would, on the engine thread. One row alone
+    decodes normally."""
+
+    def __init__(self, model: GPT2, *, fail_rows: int = 2) -> None:
+        super().__init__(model)
+        self.fail_rows = fail_rows
+
+    def __call__(
+        self, idx: torch.Tensor, input_pos: torch.Tensor, k_cache: list, v_cache: list
+    ) -> torch.Tensor:
+        if idx.shape[0] >= self.fail_rows:  # (B, 1): one token per row
+            raise RuntimeError(f"injected fault: the decode step fails on {idx.shape[0]} rows")
+        return super().__call__(idx, input_pos, k_cache, v_cache)
+
+
 @contextlib.contextmanager
-def running_server(model_dir: Path, **app_options) -> Iterator[Server]:
-    """Serve the model in a background thread; the port is picked by the OS."""
+def running_server(
+    model_dir: Path, *, make_step: Callable[[GPT2], DecodeStep] | None = None, **app_options
+) -> Iterator[Server]:
+    """Serve the model in a background thread; the port is picked by the OS. `make_step`
+    builds the decode step from the loaded model (eager by default)."""
     model = GPT2.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
+    if make_step is not None:
+        app_options["step"] = make_step(model)
     app = create_app(model, tokenizer, model_name=MODEL_NAME, **app_options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

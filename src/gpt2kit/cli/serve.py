@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 EXAMPLE = """examples:
   gpt2kit serve --model gpt2                       # http://127.0.0.1:8000/ is the Explorer
   gpt2kit serve --model runs/shakespeare/final --port 8080 --api-key secret
+  gpt2kit serve --model gpt2 --exit-on-engine-failure   # under systemd/k8s: exit 1, get restarted
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "gpt2", "prompt": "Hello", "max_tokens": 8, "seed": 1}'
   python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-'); \\
@@ -68,6 +70,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="cap on max_tokens; None: the context")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body cap (413 beyond)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (504 beyond)")
+    p.add_argument(
+        "--exit-on-engine-failure",
+        action="store_true",
+        help="if the engine thread fails, answer the requests in flight (500), then exit with status 1 "
+        "so a supervisor (systemd Restart=on-failure, a k8s pod) restarts the server; without it the "
+        "server stays up and /health and every model request answer 503 naming the failure",
+    )
     p.set_defaults(func=run)
 
 
@@ -99,6 +108,14 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     step = startup_step(model, slots=args.max_batch_size, compile=args.compile)
     name = args.model_name or os.path.basename(os.path.normpath(str(args.model)))
+    server: uvicorn.Server | None = None
+    failures: list[str] = []
+
+    def on_engine_failure(reason: str) -> None:  # on the engine thread
+        failures.append(reason)
+        if args.exit_on_engine_failure and server is not None:
+            server.should_exit = True  # uvicorn's loop polls it: finish the responses, then stop
+
     app = create_app(
         model,
         tokenizer,
@@ -110,21 +127,29 @@ def run(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         max_body_bytes=args.max_body_bytes,
         step=step,
+        on_engine_failure=on_engine_failure,
     )
     print(
         f"serving {name!r} on {device} ({'compiled' if step is not None else 'eager'} decode step) "
         f"at http://{args.host}:{args.port}/ "
         f"(Explorer at /, API docs at /docs{', API key required' if api_key else ''})"
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # Bounded: streams still open when the engine failed have had their error event by then.
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10
+    )
+    server = uvicorn.Server(config)
+    server.should_exit = bool(failures) and args.exit_on_engine_failure  # it failed already
+    server.run()
+    if failures and args.exit_on_engine_failure:
+        print(f"gpt2kit serve: {failures[0]}; exiting (--exit-on-engine-failure)", file=sys.stderr)
+        return 1
     return 0
 
 
 def startup_step(model, *, slots: int, compile: bool | None):
     """The compiled step to serve with, built or loaded now (before the server answers), or
     None for eager decoding: with --no-compile, or when it can't be built and --compile wasn't given."""
-    import sys
-
     from gpt2kit.cli.generate import prepare_compiled_step
     from gpt2kit.errors import ConfigError
 

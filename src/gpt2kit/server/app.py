@@ -5,6 +5,11 @@
 
 Every error, whatever raised it, is answered as `{"error": {"message", "type", "param",
 "code"}}`: validation problems are 400 (not FastAPI's 422) naming the field.
+
+Health: `/health` answers 200 while the engine thread serves. Once it has failed (see
+server/worker.py), `/health` and every request that needs the model answer 503 at once,
+naming the failure, and requests in flight end with a 500; `on_engine_failure` (what
+`gpt2kit serve --exit-on-engine-failure` uses) is called with the reason.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request, Security
@@ -44,7 +49,7 @@ from gpt2kit.server.protocol import (
     TokenizeResponse,
     TokenizerInfoResponse,
 )
-from gpt2kit.server.worker import Worker
+from gpt2kit.server.worker import Worker, WorkerBusy, WorkerUnavailable
 from gpt2kit.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,6 +70,11 @@ ERRORS = {
         (429, "too many requests in flight (with a Retry-After header)"),
     ]
 }
+# The routes that run the model also answer 503 once the engine thread has failed.
+MODEL_ERRORS = {
+    **ERRORS,
+    503: {"model": ErrorResponse, "description": "the engine thread has failed (the message says why)"},
+}
 
 
 def create_app(
@@ -79,12 +89,16 @@ def create_app(
     max_pending: int = 64,
     max_body_bytes: int = 1_000_000,
     step: DecodeStep | None = None,
+    max_explorer_jobs: int = 16,
+    on_engine_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `model`; its engine thread starts now and stops at shutdown.
 
     `max_pending` caps the requests queued or running (429 beyond), `max_batch_size` the
     rows decoded together (the engine's cache slots), `max_body_bytes` the request body (413
-    beyond), `step` the decode step (eager by default; `gpt2kit.model.compiled` builds compiled ones).
+    beyond), `step` the decode step (eager by default; `gpt2kit.model.compiled` builds compiled ones),
+    `max_explorer_jobs` the Explorer requests waiting for the engine thread (429 beyond).
+    `on_engine_failure(reason)` is called (on the engine thread) if that thread fails.
     """
     worker = Worker(
         model,
@@ -93,18 +107,20 @@ def create_app(
         slots=max_batch_size,
         max_pending=max_pending,
         step=step,
+        max_jobs=max_explorer_jobs,
+        on_failure=on_engine_failure,
     )
     app = _base_app(worker, api_key=api_key, max_body_bytes=max_body_bytes)
     # Declares the bearer scheme in the OpenAPI document; Guard enforces it.
     bearer = [Security(HTTPBearer(auto_error=False))] if api_key else []
     app.include_router(_health_router(worker, model_name, auth_required=api_key is not None))
     ctx = Context(worker, tokenizer, model_name, limits or Limits())
-    for router in (
-        _openai_router(ctx),
-        explorer_router(model, tokenizer),
-        _tokenizer_router(model, tokenizer, model_name),
+    for router, errors in (
+        (_openai_router(ctx), MODEL_ERRORS),
+        (explorer_router(model, tokenizer, worker), MODEL_ERRORS),
+        (_tokenizer_router(model, tokenizer, model_name), ERRORS),
     ):
-        app.include_router(router, dependencies=bearer, responses=ERRORS)
+        app.include_router(router, dependencies=bearer, responses=errors)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -138,9 +154,17 @@ def _base_app(worker: Worker, *, api_key: str | None, max_body_bytes: int) -> Fa
 def _health_router(worker: Worker, model_name: str, *, auth_required: bool) -> APIRouter:
     router = APIRouter(tags=["server"])
 
-    @router.get("/health", response_model=Health)
+    @router.get(
+        "/health",
+        response_model=Health,
+        responses={503: {"model": ErrorResponse, "description": "the engine thread has failed"}},
+    )
     def health() -> Health:
-        """Liveness and load; never needs the API key."""
+        """Liveness and load: 200 while the engine serves, 503 naming the failure once it has
+        failed (requests then get 503 too); never needs the API key."""
+        failure = worker.failure
+        if failure is not None:
+            raise _unavailable(failure)
         return Health(model=model_name, requests_in_flight=worker.load, auth_required=auth_required)
 
     return router
@@ -281,6 +305,18 @@ def _error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(WorkerUnavailable)
+    async def unavailable(request: Request, exc: WorkerUnavailable) -> JSONResponse:
+        return _json_error(_unavailable(str(exc)))
+
+    @app.exception_handler(WorkerBusy)
+    async def busy(request: Request, exc: WorkerBusy) -> JSONResponse:
+        return _json_error(
+            APIError(
+                429, f"server is busy ({exc}); retry later", type="server_busy", code="rate_limit_exceeded"
+            )
+        )
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _json_error(_validation_error(exc.errors()))
@@ -297,6 +333,18 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             APIError(exc.status_code, message).body(), status_code=exc.status_code, headers=exc.headers
         )
+
+
+def _unavailable(reason: str) -> APIError:
+    """The 503 for a server whose engine thread can't serve (`reason` says why)."""
+    if reason == "the server is shutting down":
+        return APIError(503, "the server is shutting down; retry on another server", type="server_error")
+    return APIError(
+        503,
+        f"{reason}; this server can't generate until it is restarted",
+        type="server_error",
+        code="engine_failed",
+    )
 
 
 def _validation_error(errors: list[dict]) -> APIError:

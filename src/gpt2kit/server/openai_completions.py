@@ -303,7 +303,7 @@ class CompletionRun:
                 if not choice.done and event.token != self.ctx.worker.eos:
                     choice.add(event)
                     if choice.done:  # a stop string: no need to compute further tokens
-                        event.row.cancel()
+                        self.request.cancel(event.row)
             elif isinstance(event, FinishEvent):
                 open_rows -= 1
                 choice.finish("length" if event.reason == "length" else "stop")
