@@ -108,8 +108,9 @@ def check_model(name: str, path: Path, prompt_text: str, args: argparse.Namespac
         models["float32"].save_gguf(file, type=type, tokenizer=tok)
         t0 = time.perf_counter()
         texts = [*lines, play] if type == "f32" else []
-        got = llama(args.llama_python, {"model": str(file), "prompt": prompt, "new_tokens": args.new_tokens,
-                                        "texts": texts, "logits": True})  # fmt: skip
+        n_ctx = models["float32"].config.n_positions
+        got = llama(args.llama_python, {"model": str(file), "n_ctx": n_ctx, "prompt": prompt,
+                                        "new_tokens": args.new_tokens, "texts": texts, "logits": True})  # fmt: skip
         ref_tokens, _ = ours[REFERENCE[type]]
         logit_diff = (torch.tensor(got["first_logits"]) - ours["float32"][1]).abs().max().item()
         result["types"][type] = {

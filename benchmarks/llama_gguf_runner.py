@@ -4,7 +4,8 @@ It runs in the Python that has llama_cpp (its own virtual environment: benchmark
 "GGUF in llama.cpp", has the recipe), never in gpt2kit's: benchmarks/check_gguf.py and tests/model/test_gguf_llama.py
 call it in a subprocess with a JSON request on stdin:
 
-    {"model": "m.gguf", "prompt": [ids], "new_tokens": 64, "texts": ["...", ...], "logits": true}
+    {"model": "m.gguf", "n_ctx": 1024, "prompt": [ids], "new_tokens": 64, "texts": ["...", ...],
+     "logits": true}
 
 and read back {"n_vocab", "n_ctx_train", "greedy": [ids], "tokens": [[ids], ...],
 "first_logits": [...]}: llama.cpp's greedy continuation of the prompt (argmax of its logits at
@@ -26,7 +27,7 @@ def main() -> None:
     req = json.load(sys.stdin)
     llm = llama_cpp.Llama(
         model_path=req["model"],
-        n_ctx=req.get("n_ctx", 0),  # 0: the model's own context length
+        n_ctx=req.get("n_ctx", 0),  # 0: llama.cpp's default
         n_threads=req.get("threads", 2),
         n_threads_batch=req.get("threads", 2),
         n_gpu_layers=0,
@@ -34,7 +35,7 @@ def main() -> None:
         verbose=False,
     )
     n_vocab = llm.n_vocab()
-    out: dict = {"n_vocab": n_vocab, "n_ctx_train": llm.n_ctx_train(), "greedy": [], "tokens": []}
+    out: dict = {"n_vocab": n_vocab, "n_ctx_train": llama_cpp.llama_model_n_ctx_train(llm.model), "greedy": [], "tokens": []}
     for text in req.get("texts", []):
         out["tokens"].append(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
     prompt = req.get("prompt")

@@ -83,12 +83,14 @@ def greedy(model: GPT2, prompt: list[int], n: int) -> list[int]:
 def test_llama_cpp_loads_and_follows_gpt2kit(llama_python: str, exported, type: str) -> None:
     model, tok, files = exported
     prompt = tok.encode("ROMEO:\nBut soft, what light")
-    got = llama(llama_python, model=str(files[type]), prompt=prompt, new_tokens=32, logits=True)
+    got = llama(llama_python, model=str(files[type]), n_ctx=128, prompt=prompt, new_tokens=32, logits=True)
     assert got["n_vocab"] == tok.n_vocab and got["n_ctx_train"] == 128
     with torch.no_grad():
         want = model(torch.tensor([prompt])).logits[0, -1]
     diff = (torch.tensor(got["first_logits"]) - want).abs().max().item()
-    bound = {"f32": 1e-3, "f16": 0.02, "bf16": 0.1, "q8_0": 0.1}[type] * want.std().item()
+    # A fraction of the logits' std. Even f32 differs by ~0.15%: ggml's CPU GELU reads an
+    # fp16 table (GGML_GELU_FP16), so llama.cpp's f32 is not float32 arithmetic throughout.
+    bound = {"f32": 0.01, "f16": 0.02, "bf16": 0.1, "q8_0": 0.1}[type] * want.std().item()
     assert diff <= bound, (type, diff, bound)
     if type == "f32":
         assert got["greedy"] == greedy(model, prompt, 32)
@@ -97,7 +99,7 @@ def test_llama_cpp_loads_and_follows_gpt2kit(llama_python: str, exported, type: 
 def test_llama_cpp_tokenizes_the_plays_as_gpt2kit(llama_python: str, exported) -> None:
     _, tok, files = exported
     lines = play_lines()
-    got = llama(llama_python, model=str(files["q8_0"]), texts=lines)["tokens"]
+    got = llama(llama_python, model=str(files["q8_0"]), n_ctx=128, texts=lines)["tokens"]
     want = [tok.encode(line) for line in lines]
     wrong = [line for line, a, b in zip(lines, got, want, strict=True) if a != b]
     assert not wrong, f"{len(wrong)}/{len(lines)} lines differ, e.g. {wrong[:3]}"
