@@ -77,14 +77,13 @@ def llama(python: str, request: dict) -> dict:
 
 @torch.no_grad()
 def greedy(model: GPT2, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """n greedy tokens (end-of-text ignored, as the runner does) and the logits after the prompt."""
-    ids = list(prompt)
-    first = None
-    for _ in range(n):
-        logits = model(torch.tensor([ids])).logits[0, -1].float()
-        first = logits if first is None else first
-        ids.append(int(logits.argmax()))
-    return ids[len(prompt) :], first
+    """gpt2kit's n greedy tokens (`generate`, end-of-text ignored as the runner ignores it) and
+    the logits after the prompt."""
+    from gpt2kit import generate
+
+    tokens = generate(model, [prompt], max_new_tokens=n, temperature=0, eos_token_id=-1, compile=False)[0]
+    first = model(torch.tensor([prompt])).logits[0, -1].float()
+    return tokens, first  # id-list prompts get their new tokens only
 
 
 def depth(a: list[int], b: list[int]) -> int:

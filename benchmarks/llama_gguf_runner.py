@@ -35,7 +35,12 @@ def main() -> None:
         verbose=False,
     )
     n_vocab = llm.n_vocab()
-    out: dict = {"n_vocab": n_vocab, "n_ctx_train": llama_cpp.llama_model_n_ctx_train(llm.model), "greedy": [], "tokens": []}
+    out: dict = {
+        "n_vocab": n_vocab,
+        "n_ctx_train": llama_cpp.llama_model_n_ctx_train(llm.model),
+        "greedy": [],
+        "tokens": [],
+    }
     for text in req.get("texts", []):
         out["tokens"].append(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
     prompt = req.get("prompt")
