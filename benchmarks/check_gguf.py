@@ -133,7 +133,7 @@ def check_model(name: str, path: Path, prompt_text: str, args: argparse.Namespac
                 "first_difference": next((texts[i] for i, s in enumerate(same) if not s), None),
             }
             back = GPT2.from_pretrained(file)
-            ids = torch.tensor([tok.encode(play)[:512]])
+            ids = torch.tensor([tok.encode(play)[: models["float32"].config.n_positions]])
             with torch.no_grad():
                 result["round_trip_f32_identical"] = torch.equal(
                     back(ids).logits, models["float32"](ids).logits
@@ -179,15 +179,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        models = [("gpt2-random", random_gpt2(work / "gpt2-random"), "The meaning of life is")]
+        models = []
         if args.quickstart.is_dir():
             models.append(("quickstart", args.quickstart, "JULIET:\n"))
         else:
             print(f"[{args.quickstart}: no quick start model; run gpt2kit quickstart first to check it]")
-        results = [check_model(name, path, prompt, args, work) for name, path, prompt in models]
+        models.append(("gpt2-random", random_gpt2(work / "gpt2-random"), "The meaning of life is"))
+        results = []
+        for name, path, prompt in models:
+            results.append(check_model(name, path, prompt, args, work))
+            print(report(results[-1:], args.new_tokens), flush=True)  # each model as it is done
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
     print(report(results, args.new_tokens))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
