@@ -16,7 +16,7 @@ import sys
 from gpt2kit.errors import Gpt2kitError
 
 # The order commands are listed in `gpt2kit --help`; modules not listed come after.
-ORDER = ["quickstart", "tokenize", "prepare", "train", "plot", "generate", "eval", "serve"]
+ORDER = ["quickstart", "tokenize", "prepare", "train", "plot", "generate", "eval", "serve", "export"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -38,7 +38,9 @@ QUANTIZE_HELP = (
 
 
 def add_model_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory or Hugging Face hub id (e.g. gpt2)")
+    p.add_argument(
+        "--model", required=True, help="model directory, GPT-2 .gguf file or Hugging Face hub id (e.g. gpt2)"
+    )
 
 
 def add_device_flag(p: argparse.ArgumentParser) -> None:

@@ -32,7 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("file", nargs="?", help="a UTF-8 text file ('-' for standard input)")
     src.add_argument("--text", help="the text to encode")
     p.add_argument("--json", action="store_true", help="print only a JSON list of ids")
-    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a directory with vocab.json + merges.txt")
+    p.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        help="'gpt2', a directory with vocab.json + merges.txt, or a GPT-2 .gguf file",
+    )
     p.add_argument("--allow-special", action="store_true", help="encode <|endoftext|> as its special id")
     p.set_defaults(func=run)
 
@@ -58,7 +62,12 @@ def run(args: argparse.Namespace) -> int:
     from gpt2kit.tokenizer.tokenizer import Tokenizer
 
     text = args.text if args.text is not None else read_text(args.file)
-    tok = Tokenizer.load(args.tokenizer)
+    if args.tokenizer.lower().endswith(".gguf"):
+        from gpt2kit.tokenizer import gguf_vocab  # imports the gguf package: only for .gguf files
+
+        tok = gguf_vocab.read_tokenizer(args.tokenizer)
+    else:
+        tok = Tokenizer.load(args.tokenizer)
     ids = tok.encode(text, allowed_special="all" if args.allow_special else frozenset())
     if args.json:
         print(json.dumps(ids))

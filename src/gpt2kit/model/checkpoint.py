@@ -36,13 +36,25 @@ WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 HUB_FILES = ["config.json", "vocab.json", "merges.txt", "generation_config.json"]
 
 
+def is_gguf(name_or_path: str | os.PathLike[str]) -> bool:
+    """Whether `name_or_path` names a GGUF file (llama.cpp's format, `gpt2kit.model.gguf_file`)."""
+    return str(name_or_path).lower().endswith(".gguf")
+
+
 def resolve(name_or_path: str | os.PathLike[str]) -> Path:
     """A local model directory, downloading it first when given a hub id."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
+    if is_gguf(path):
+        raise CheckpointError(
+            f"{path}: a GGUF file, not a model directory; this needs a directory: write one with "
+            f"gpt2kit export --model {path} --format hf --out DIR"
+        )
     if path.exists():
-        raise CheckpointError(f"{path}: expected a model directory with config.json, found a file")
+        raise CheckpointError(
+            f"{path}: expected a model directory with config.json (or a .gguf file), found another file"
+        )
     name = str(name_or_path)
     looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
     if looks_local or name.count("/") > 1:
@@ -230,7 +242,11 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], *, tokenizer: Tok
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Tokenizer:
-    """The tokenizer saved with a model (GPT-2's when the directory has none)."""
+    """The tokenizer saved with a model (GPT-2's when the directory has none), or inside a GGUF file."""
+    if is_gguf(name_or_path):
+        from gpt2kit.tokenizer import gguf_vocab  # imports the gguf package: only when needed
+
+        return gguf_vocab.read_tokenizer(name_or_path)
     path = resolve(name_or_path)
     if (path / "vocab.json").is_file():
         return Tokenizer.from_dir(path)

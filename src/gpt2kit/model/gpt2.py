@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2kit.device import auto_dtype, pick_device, pick_dtype
+from gpt2kit.errors import ConfigError
 from gpt2kit.model import checkpoint
 from gpt2kit.model.config import TANH_GELUS, GPT2Config, sinusoidal_table
 from gpt2kit.model.quantize import check_method, quantize_int8
@@ -223,14 +224,16 @@ class GPT2(nn.Module):
         dtype: torch.dtype | str | None = None,
         quantize: str | None = None,
     ) -> GPT2:
-        """Load a model directory, or download a hub id ("gpt2", "openai-community/gpt2-xl").
+        """Load a model directory, a GPT-2 GGUF file ("model.gguf": f32, f16, bf16 or q8_0,
+        dequantized), or download a hub id ("gpt2", "openai-community/gpt2-xl").
 
         `dtype`: None keeps the checkpoint's own; else a torch dtype or its name ("float32",
         "bfloat16", "float16", or "auto": bf16 where `device` computes it natively, see
         `gpt2kit.device.auto_dtype`). `quantize="int8"`: int8 weights for inference, computing in
         `dtype`, in the scheme `gpt2kit.model.quantize.pick_scheme` picks for `device`
         ("int8-dynamic" or "int8-weight-only" choose one); the scheme used is `model.quantization`.
-        The folder's format is `gpt2kit.model.checkpoint`'s.
+        The folder's format is `gpt2kit.model.checkpoint`'s, the GGUF file's `gpt2kit.model.gguf_file`'s
+        (its tokenizer: `gpt2kit.model.checkpoint.load_tokenizer`).
 
         >>> model = GPT2.from_pretrained("path/to/gpt2", dtype="bfloat16", quantize="int8")  # doctest: +SKIP
         """
@@ -239,12 +242,19 @@ class GPT2(nn.Module):
         auto = isinstance(dtype, str) and dtype == "auto"
         if dtype is not None:
             dtype = pick_dtype(dtype, device, flag="dtype=")
-        path = checkpoint.resolve(name_or_path)
-        config = GPT2Config.from_json_file(path / "config.json")
-        state = checkpoint.read_state_dict(path)
+        if checkpoint.is_gguf(name_or_path):
+            from gpt2kit.model import gguf_file  # imports the gguf package: only for .gguf files
+
+            config, state, _ = gguf_file.read(name_or_path)
+            source: str | os.PathLike[str] = name_or_path
+        else:
+            path = checkpoint.resolve(name_or_path)
+            config = GPT2Config.from_json_file(path / "config.json")
+            state = checkpoint.read_state_dict(path)
+            source = checkpoint.weights_file(path)
         with torch.device("meta"):
             model = cls(config)
-        state = checkpoint.from_hf_state_dict(state, model, source=checkpoint.weights_file(path))
+        state = checkpoint.from_hf_state_dict(state, model, source=source)
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict(state, assign=True)
@@ -261,6 +271,29 @@ class GPT2(nn.Module):
     def save_pretrained(self, path: str | os.PathLike[str], *, tokenizer: Tokenizer | None = None) -> None:
         """Write a directory `transformers` loads as-is (see `gpt2kit.model.checkpoint.save_model`)."""
         checkpoint.save_model(self, path, tokenizer=tokenizer)
+
+    def save_gguf(
+        self, path: str | os.PathLike[str], *, type: str = "f32", tokenizer: Tokenizer | None = None
+    ) -> None:
+        """Write one GGUF file that llama.cpp (and so ollama, LM Studio) runs as its `gpt2` model.
+
+        `type`: "f32", "f16", "bf16" or "q8_0" (llama.cpp's 8-bit blocks) for the weight
+        matrices; `tokenizer`: the model's (default GPT-2's, for a 50257-token vocabulary).
+        The layout is `gpt2kit.model.gguf_file`'s; the write is atomic.
+
+        >>> GPT2.from_pretrained("gpt2").save_gguf("gpt2-q8_0.gguf", type="q8_0")  # doctest: +SKIP
+        """
+        from gpt2kit.model import gguf_file  # imports the gguf package: only when exporting
+
+        gguf_file.check_type(type)
+        if tokenizer is None:
+            if self.config.vocab_size != 50257:
+                raise ConfigError(
+                    f"the model's vocabulary ({self.config.vocab_size} tokens) is not GPT-2's; "
+                    "pass tokenizer= (e.g. gpt2kit.model.checkpoint.load_tokenizer(model_dir))"
+                )
+            tokenizer = Tokenizer.gpt2()
+        gguf_file.write(self, path, type=type, tokenizer=tokenizer)
 
     def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
         """Parameters, the tied wte/lm_head counted once (as the paper's and docs/tokenizer-and-model.md's counts do)."""

@@ -221,6 +221,16 @@ class Tokenizer:
         return dict(self._special)
 
     @property
+    def vocab(self) -> dict[str, int]:
+        """Token string (GPT-2's byte-to-unicode spelling, as in vocab.json) -> id, specials included."""
+        return dict(self._vocab)
+
+    @property
+    def merges(self) -> list[tuple[str, str]]:
+        """The merges in rank order, as in merges.txt."""
+        return list(self._merges)
+
+    @property
     def encoding(self) -> tiktoken.Encoding:
         """The underlying tiktoken `Encoding`, for code that wants its full API."""
         return self._enc
