@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import hf_model, tiny_model
 from gpt2kit.device import CPU_LEVELS
@@ -25,13 +26,14 @@ from gpt2kit.model.numerics import (
     decode_logits,
     first_mismatch,
     greedy,
+    mean_nll,
     nll_delta,
 )
 from gpt2kit.model.quantize import quantize_int8
 from numerics_helpers import level_skip, run_at
 
 WIDTH_768 = dict(n_embd=768, n_layer=2, n_head=12, vocab_size=50257, n_positions=256)
-TEXT_TOKENS = 128  # tokens of a play scored for the NLL check
+TEXT_TOKENS = 64  # tokens of a play scored for the NLL check (int8 eager: ~0.5 s a token here)
 NO_COMPILER = missing_toolchain()
 
 
@@ -148,6 +150,23 @@ def test_two_processes_give_the_same_tokens(runs: Runs, level: str, compiled: bo
     # The second process loads the step the first one built and saved.
     first = runs.get(level, precision, compiled)["tokens"]
     assert runs.get(level, precision, compiled, run=1)["tokens"] == first
+
+
+def test_the_measurements_agree_with_the_full_forward() -> None:
+    model = tiny_model(seed=5)
+    ids = [5, 17, 3, 40, 2, 9, 11, 60, 7, 1]
+    full = model(torch.tensor([ids])).logits[0].float()  # (T, V), every position at once
+    tokens = greedy(model, ids[:3], 5)
+    assert decode_logits(model, ids[:3], tokens[:-1]).argmax(-1).tolist() == tokens
+    assert torch.allclose(decode_logits(model, ids[:3], ids[3:]), full[2:], atol=1e-5)
+    expected = torch.nn.functional.cross_entropy(full[:-1], torch.tensor(ids[1:]))
+    assert abs(mean_nll(model, ids) - float(expected)) < 1e-5
+    assert (
+        first_mismatch([1, 2, 3], [1, 2, 4]),
+        first_mismatch([1, 2], [1, 2, 3]),
+        first_mismatch([], [1]),
+    ) == (2, 2, 0)
+    assert check("int8", depth_vs_fp32=0, nll_rel=1.0) and not check("fp32", depth_vs_fp32=GREEDY_TOKENS)
 
 
 def test_bounds_cover_every_precision() -> None:

@@ -56,8 +56,8 @@ class Bound:
 
 BOUNDS: dict[str, Bound] = {
     "fp32": Bound(compiled_logits=1e-3, depth_vs_fp32=64, depth_compiled=64, nll_rel=1e-4),
-    "bf16": Bound(compiled_logits=0.25, depth_vs_fp32=8, depth_compiled=8, nll_rel=0.01),
-    "int8": Bound(compiled_logits=0.25, depth_vs_fp32=4, depth_compiled=8, nll_rel=0.02),
+    "bf16": Bound(compiled_logits=0.25, depth_vs_fp32=16, depth_compiled=8, nll_rel=0.005),
+    "int8": Bound(compiled_logits=0.25, depth_vs_fp32=8, depth_compiled=8, nll_rel=0.005),
 }
 PRECISIONS = tuple(BOUNDS)
 
@@ -105,15 +105,16 @@ def decode_logits(
 def greedy(model: GPT2, prompt: Sequence[int], n: int, *, step: Step | None = None) -> list[int]:
     """`n` greedy tokens after `prompt`: an eager prefill, then `step` (None: `model.decode_step`)
     for each new token, as the generation engine decodes a lone prompt."""
+    if n < 1:
+        return []
     tokens: list[int] = []
 
     def pick(i: int, logits: Tensor) -> int:
         tokens.append(int(logits.argmax()))
         return tokens[-1]
 
-    for _ in _decode(model, prompt, pick, n, step):
-        pass
-    return tokens[:n]
+    *_, last = _decode(model, prompt, pick, n - 1, step)  # the last token needs no step after it
+    return [*tokens, int(last.argmax())]
 
 
 def _decode(
