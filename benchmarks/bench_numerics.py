@@ -94,6 +94,8 @@ def level_rows(level: str, precisions: list[str], base: dict, cache: Path) -> li
             r["again"] = again.get("tokens")
         r["seconds"] = time.perf_counter() - t0
         measured[precision] = r
+        raw = {k: v for k, v in r.items() if k not in ("tokens", "eager_tokens", "again")}
+        print(f"  {level} {precision} measured: {json.dumps(raw)}", flush=True)
     fp32 = measured["fp32"]
     rows = []
     for precision in precisions:

@@ -49,7 +49,7 @@ def run_at(level: str, args: dict, *, cache: Path, transformers: bool = False) -
     env = {**os.environ, **CPU_LEVELS[level], CACHE_ENV: str(cache)}
     code = _TRANSFORMERS if transformers else _MEASURE
     done = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(args)], env=env, capture_output=True, text=True, timeout=1200
+        [sys.executable, "-c", code, json.dumps(args)], env=env, capture_output=True, text=True, timeout=1700
     )
     if done.returncode != 0:
         raise AssertionError(f"the {level} child failed ({done.returncode}):\n{done.stderr[-3000:]}")

@@ -32,6 +32,9 @@ from gpt2kit.model.numerics import (
 from gpt2kit.model.quantize import quantize_int8
 from numerics_helpers import level_skip, run_at
 
+# The first test that needs a compiled step waits for its build: minutes, more on a busy machine.
+pytestmark = pytest.mark.timeout(1800)
+
 WIDTH_768 = dict(n_embd=768, n_layer=2, n_head=12, vocab_size=50257, n_positions=256)
 TEXT_TOKENS = 64  # tokens of a play scored for the NLL check (int8 eager: ~0.5 s a token here)
 NO_COMPILER = missing_toolchain()
