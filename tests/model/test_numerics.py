@@ -80,14 +80,24 @@ class Runs:
             else:
                 args = dict(path=self.path, precision=precision, compiled=compiled, prompt=self.prompt)
                 args.update(text=self.text, n=GREEDY_TOKENS, tokens_only=run > 0)
-                self.done[key] = run_at(level, args, cache=self.cache)
+                self.done[key] = self._run(level, args)
+        if "error" in self.done[key]:  # a failed child fails every test that needs it, once
+            pytest.fail(self.done[key]["error"])
         return self.done[key]
+
+    def _run(self, level: str, args: dict, **options) -> dict:
+        try:
+            return run_at(level, args, cache=self.cache, **options)
+        except AssertionError as e:
+            return {"error": str(e)}
 
     def transformers(self, level: str) -> list[int]:
         key = (level, "transformers")
         if key not in self.done:
             args = dict(path=self.path, prompt=self.prompt, n=GREEDY_TOKENS)
-            self.done[key] = run_at(level, args, cache=self.cache, transformers=True)
+            self.done[key] = self._run(level, args, transformers=True)
+        if "error" in self.done[key]:
+            pytest.fail(self.done[key]["error"])
         return self.done[key]["tokens"]
 
 
