@@ -33,7 +33,9 @@ from gpt2kit.errors import ConfigError
 # a new process: `subprocess.run(..., env=os.environ | CPU_LEVELS["avx2"])`.
 # - ATEN_CPU_CAPABILITY: torch's own kernels, and inductor's generated code (its vector ISA);
 # - ONEDNN_MAX_CPU_ISA: oneDNN, which runs bf16 and int8 matrix products;
-# - MKL_ENABLE_INSTRUCTIONS: MKL, which runs float32 matrix products (Intel CPUs only).
+# - MKL_ENABLE_INSTRUCTIONS: MKL, which runs float32 matrix products (Intel CPUs only);
+# - TORCHINDUCTOR_CPP_MARCH: the -march inductor compiles its C++ with (else -march=native,
+#   and the compiler then uses AVX-512 in code the AVX2 level compiles).
 # "avx512" caps AMX off for aten and oneDNN; inductor still uses AMX where the CPU has it
 # (its only switches, ATEN_CPU_CAPABILITY=avx512 and cpp.simdlen=512, both pick AMX first).
 CPU_LEVELS: dict[str, dict[str, str]] = {
@@ -42,8 +44,14 @@ CPU_LEVELS: dict[str, dict[str, str]] = {
         "ATEN_CPU_CAPABILITY": "avx512",
         "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
         "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+        "TORCHINDUCTOR_CPP_MARCH": "x86-64-v4",
     },
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3",
+    },
 }
 # The CPU flags (`cpu_features()`) each level needs.
 _LEVEL_NEEDS = {"native": (), "avx512": ("avx512_f", "avx512_bw", "avx512_vl"), "avx2": ("avx2", "fma3")}
