@@ -28,6 +28,34 @@ import torch
 
 from gpt2kit.errors import ConfigError
 
+# How to cap one machine's instruction set downwards (docs/numerics.md has what each switch
+# reaches and what it misses). The variables are read when torch loads, so a level applies to
+# a new process: `subprocess.run(..., env=os.environ | CPU_LEVELS["avx2"])`.
+# - ATEN_CPU_CAPABILITY: torch's own kernels, and inductor's generated code (its vector ISA);
+# - ONEDNN_MAX_CPU_ISA: oneDNN, which runs bf16 and int8 matrix products;
+# - MKL_ENABLE_INSTRUCTIONS: MKL, which runs float32 matrix products (Intel CPUs only);
+# - TORCHINDUCTOR_CPP_MARCH: the -march inductor compiles its C++ with (else -march=native,
+#   and the compiler then uses AVX-512 in code the AVX2 level compiles).
+# "avx512" caps AMX off for aten and oneDNN; inductor still uses AMX where the CPU has it
+# (its only switches, ATEN_CPU_CAPABILITY=avx512 and cpp.simdlen=512, both pick AMX first).
+CPU_LEVELS: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx512": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+        "TORCHINDUCTOR_CPP_MARCH": "x86-64-v4",
+    },
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3",
+    },
+}
+# The CPU flags (`cpu_features()`) each level needs.
+_LEVEL_NEEDS = {"native": (), "avx512": ("avx512_f", "avx512_bw", "avx512_vl"), "avx2": ("avx2", "fma3")}
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 
@@ -55,11 +83,28 @@ def cpu_features() -> dict[str, Any]:
     if get is not None:
         return dict(get())
     # torch < 2.10: the private probes torch's own kernels dispatch on.
+    avx512 = torch.cpu._is_avx512_supported()
     return {
+        "avx2": torch.cpu._is_avx2_supported(),
+        "fma3": torch.cpu._is_avx2_supported(),  # torch's AVX2 level needs FMA too
+        **dict.fromkeys(("avx512_f", "avx512_bw", "avx512_vl"), avx512),
         "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
         "amx_tile": torch.cpu._is_amx_tile_supported(),
         "avx512_vnni": torch.cpu._is_vnni_supported(),
     }
+
+
+def cpu_level_missing(level: str) -> str | None:
+    """Why this CPU can't run at `level` (a `CPU_LEVELS` name), in words; None when it can.
+
+    >>> cpu_level_missing("native") is None
+    True
+    """
+    if level not in CPU_LEVELS:
+        raise ConfigError(f"unknown CPU level {level!r}; use one of {', '.join(CPU_LEVELS)}")
+    f = cpu_features()
+    missing = [flag for flag in _LEVEL_NEEDS[level] if not f.get(flag)]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
 def cpu_bf16() -> str | None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -107,6 +108,37 @@ def quantize_int8(model: nn.Module, *, scheme: str | None = None) -> str:
     model.quantization = scheme
     model.eval()
     return scheme
+
+
+@contextlib.contextmanager
+def int8_export_form() -> Iterator[None]:
+    """While a compiled step is traced: torchao's int8 x int8 products on CPU in their u8s8 form.
+
+    torchao (0.18) chooses the form when the graph is traced: u8s8 (the activation shifted by
+    128 into a new uint8 buffer, and a compensation term) on CPUs with VNNI and no AMX, s8s8
+    on the others (AMX CPUs, CPUs without VNNI). In a one-row compiled step the s8s8
+    activation reaches `torch._int_mm` as a (1, K) view with a row stride of 0 (inductor is
+    free to choose the stride of a size-1 dimension), torch's CPU `_int_mm` passes that to
+    oneDNN as lda=0, and oneDNN computes nothing: the step returns whatever its output buffer
+    held, different garbage on every run, faster than memory allows. The u8s8 form writes
+    the activation into a new buffer and gives the same int32 products: (a + 128) . b -
+    128 * sum(b) = a . b, exact with VNNI or AMX; on AVX2 alone oneDNN saturates pairs of
+    products in both forms alike (docs/numerics.md). Eager decoding is untouched: there
+    the activation is a dense tensor and both forms are right.
+    (torch < 2.12 has no u8s8 `_int_mm` on CPU; torchao keeps s8s8 there whatever this says.)
+    """
+    try:
+        with _quiet_torchao():
+            import torchao.kernel.intmm as intmm
+    except ImportError:  # no torchao: no quantized model to trace
+        yield
+        return
+    saved = intmm._cpu_is_amx_tile_supported, intmm._cpu_is_vnni_supported
+    intmm._cpu_is_amx_tile_supported, intmm._cpu_is_vnni_supported = (lambda: False), (lambda: True)
+    try:
+        yield
+    finally:
+        intmm._cpu_is_amx_tile_supported, intmm._cpu_is_vnni_supported = saved
 
 
 def _is_quantized(module: nn.Module, name: str) -> bool:
