@@ -50,10 +50,12 @@ def steps(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GPT2KIT_CACHE_DIR", str(cache))
         for precision in ("float32", "bfloat16", "int8"):
+            model = make_model(precision)
             with torch.inference_mode():
-                assert decode_step(make_model(precision), slots=1, max_len=64, build=True) is not None
+                assert decode_step(model, slots=1, max_len=64, build=True) is not None
+        model = make_model("float32")
         with torch.no_grad():
-            assert decode_step(make_model("float32"), slots=2, max_len=64, build=True) is not None
+            assert decode_step(model, slots=2, max_len=64, build=True) is not None
     return cache
 
 

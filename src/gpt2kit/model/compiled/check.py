@@ -10,17 +10,19 @@ removed (loaded), and the caller decodes eagerly.
 The probe: `min(slots, 3)` rows at positions spread over a cache of `min(n_positions, 256)`
 positions, random keys and values (a fixed seed), random tokens; two calls, the second at
 the next positions with the first call's greedy tokens, so it also reads the keys and
-values the first one wrote. On gpt2 124M it costs about 0.3 s (fp32), most of it the
-eager reference; it runs once per step a process loads.
+values the first one wrote.
 
 The bound: max |compiled logit - eager logit| over the probe, relative to the eager logits'
 scale (their largest magnitude), must not exceed `TOLERANCES` for the model's precision,
 and at every row the compiled greedy token must be one the eager logits rank within twice
-that bound of their best (a different token only at a near-tie). Measured on a 2-layer,
-768-wide GPT-2 (vocabulary 50257) on this project's AVX-512 CPU, correct steps differ from
-eager by: float32 2e-7, bfloat16 5e-3, int8-dynamic 3e-2, int8-weight-only 1e-2 (of the
-scale); the bounds leave about 10x of margin over that and still reject garbage, which
-differs by the order of the scale itself (docs/generation.md, "Compiled decode steps").
+that bound of their best (a different token only at a near-tie). Correct steps of a
+2-layer, 768-wide GPT-2 (vocabulary 50257, random weights) on this project's AVX-512 CPU
+differ from eager by at most (5 probe seeds, and 32 greedy decode steps after a 100-token
+prompt): float32 2.0e-6, bfloat16 9.6e-3, int8-dynamic 2.5e-2, int8-weight-only (bfloat16
+activations) 1.3e-2, with every greedy token equal. The bounds leave 8-50x of margin over
+that; garbage (a step for other weights, a miscompiled one) differs by the order of the
+scale itself. The probe costs about 0.4 s of CPU time for gpt2 124M in float32 (0.25 s in
+bfloat16), most of it the eager reference; it runs once per step a process loads.
 """
 
 from __future__ import annotations
