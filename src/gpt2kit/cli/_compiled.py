@@ -26,4 +26,6 @@ def prepare(model, *, rows: int, compile: bool | None):
     if compile is False:
         return None
     with Ticker("compiled step") as tick:
-        return step_for(model, slots=rows, max_len=model.config.n_positions, compile=compile, progress=tick)
+        step = step_for(model, slots=rows, max_len=model.config.n_positions, compile=compile, progress=tick)
+        tick.gave_up = step is None  # a warning said why; nothing is "ready"
+    return step
