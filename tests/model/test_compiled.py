@@ -41,9 +41,12 @@ from gpt2kit.model.compiled import (
     step_key,
 )
 
-pytestmark = pytest.mark.skipif(
-    missing_toolchain() is not None, reason=f"compiled steps can't be built here: {missing_toolchain()}"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        missing_toolchain() is not None, reason=f"compiled steps can't be built here: {missing_toolchain()}"
+    ),
+    pytest.mark.timeout(1800),  # a build takes minutes on a busy CPU (the module fixture's: 8.5 min)
+]
 
 HERE = Path(__file__).parent  # this file, and the helpers next to it
 TESTS = HERE.parent  # conftest.py

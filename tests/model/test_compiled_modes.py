@@ -6,8 +6,9 @@ the step cache's weight hash (torchao's detach sets a version counter, which an 
 tensor refuses). Each case must give what the same call gives outside any context.
 
 The steps are built once per precision, by a module fixture, under inference_mode (one row;
-and two for float32's beams): ~40 s each on an idle 2-core CPU, several times that on a busy
-one. Beam search with compile=True in bf16 and int8 would build a two-row step too: slow.
+and two for float32's beams): 3.5-4 min each on this 2-core CPU shared with other jobs (load
+~20), much less on an idle one. Beam search with compile=True in bf16 and int8 would build a
+two-row step too: slow.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from gpt2kit.generation.complete import complete
 from gpt2kit.model.compiled import compiled_step, decode_step, missing_toolchain
 from gpt2kit.model.quantize import quantize_int8
 
-pytestmark = pytest.mark.skipif(
-    missing_toolchain() is not None, reason=f"compiled steps can't be built here: {missing_toolchain()}"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        missing_toolchain() is not None, reason=f"compiled steps can't be built here: {missing_toolchain()}"
+    ),
+    pytest.mark.timeout(1800),  # the first test waits for 4 builds: minutes each on a busy CPU
+]
 
 EOT = 256
 PROMPT = [72, 105, 32, 116]  # "Hi t"
