@@ -8,8 +8,8 @@ time to first token and p50/p99 time between tokens, then the batching speed-up 
 The model is random (GPT-2's vocabulary, 4 layers, n_embd 128): the numbers measure the
 server, not the text.
 
-`--gpt2`: a random gpt2 124M served with the server's defaults (compiled step built or
-loaded at start-up, `--dtype auto`, 8 slots, torch's threads), 1 and 8 clients; in the same
+`--gpt2`: a random gpt2 124M served with the server's defaults and `--compile` (compiled
+step built or loaded at start-up, `--dtype auto`, 8 slots, torch's threads), 1 and 8 clients; in the same
 run, CTranslate2 float32 decoding the same model at batch 1 in this process. Prints one
 client's tokens/s against CTranslate2's (target >= 1.5x), 8 clients against one (target
 >= 3x) and TTFT p50/p99.
@@ -169,7 +169,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def gpt2_vs_ctranslate2(args: argparse.Namespace) -> None:
-    """gpt2 124M with the server's defaults: 1 and 8 clients, against CTranslate2 fp32 at batch 1."""
+    """gpt2 124M with the server's defaults and --compile: 1 and 8 clients, against CTranslate2 fp32 at batch 1."""
     from bench_generate import ctranslate2_system, decode_rate, machine_line, make_model_dir
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +179,7 @@ def gpt2_vs_ctranslate2(args: argparse.Namespace) -> None:
             make_model_dir(model_dir)
         print(machine_line())
         t0 = time.perf_counter()
-        server = ServerProcess(str(model_dir), batching=True, threads=None)
+        server = ServerProcess(str(model_dir), batching=True, threads=None, extra=("--compile",))
         print(f"server up in {time.perf_counter() - t0:.1f}s (a first start builds the compiled step)")
         try:
             asyncio.run(run_level(server.url, 2, 4, 8))  # warm-up

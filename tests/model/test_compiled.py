@@ -9,11 +9,15 @@ int8, a damaged step rebuilt) are marked slow.
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import weakref
+import zlib
 from pathlib import Path
 
 import pytest
@@ -22,20 +26,27 @@ import torch
 from conftest import tiny_model
 from gpt2kit import generate
 from gpt2kit.errors import ConfigError
-from gpt2kit.generation.engine import SlotCache
+from gpt2kit.generation.config import SamplingConfig
+from gpt2kit.generation.engine import Engine, SlotCache
 from gpt2kit.model import stepcache
 from gpt2kit.model.compiled import (
     LENGTH_BUCKET,
+    TOLERANCES,
     CompiledStep,
     TieredStep,
+    check,
     compiled_step,
     decode_step,
     missing_toolchain,
+    step_key,
 )
 
-pytestmark = pytest.mark.skipif(
-    missing_toolchain() is not None, reason=f"compiled steps can't be built here: {missing_toolchain()}"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        missing_toolchain() is not None, reason=f"compiled steps can't be built here: {missing_toolchain()}"
+    ),
+    pytest.mark.timeout(1800),  # a build takes minutes on a busy CPU (the module fixture's: 8.5 min)
+]
 
 HERE = Path(__file__).parent  # this file, and the helpers next to it
 TESTS = HERE.parent  # conftest.py
@@ -82,7 +93,8 @@ step = compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build={build}, progres
 tokens = greedy(model, step, PROMPTS, steps=MAX_LEN - len(PROMPTS[0]), max_len=MAX_LEN)
 print(json.dumps({{"phases": phases, "tokens": tokens, "library": str(step.library)}}))
 """
-    env = dict(os.environ, GPT2KIT_CACHE_DIR=str(cache), PYTHONPATH=os.pathsep.join([str(HERE), str(TESTS)]))
+    path = os.pathsep.join([str(HERE), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, GPT2KIT_CACHE_DIR=str(cache), PYTHONPATH=path)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code],
@@ -136,7 +148,7 @@ def test_two_processes_at_once_build_one_step_and_share_it(built) -> None:
 
 def test_building_reports_its_phases_and_prints_nothing(built) -> None:
     phases = built["phases"]
-    assert [p.split()[0] for p in phases] == ["exporting", "compiling", "saving", "loading"]
+    assert [p.split()[0] for p in phases] == ["exporting", "compiling", "checking", "saving"]
     assert built["stdout"].count("\n") == 1  # the child's own JSON line only
     assert "AUTOTUNE" not in built["stderr"] and "Traceback" not in built["stderr"]
 
@@ -200,6 +212,189 @@ def test_weights_changed_after_loading_are_refused(built, model) -> None:
     k = [torch.zeros(1, cfg.n_head, MAX_LEN, cfg.head_size) for _ in range(cfg.n_layer)]
     with pytest.raises(ConfigError, match="weights changed"):
         step(torch.tensor([[1]]), torch.tensor([0]), k, [t.clone() for t in k])
+
+
+# --- every step proves itself against the eager model before it is used --------------------
+
+
+def copy_cache(built: dict, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the built cache, and the built step's library in it."""
+    cache = tmp_path / "cache"
+    shutil.copytree(built["cache"], cache)
+    return cache, cache / "compiled" / Path(built["library"]).name
+
+
+def rewrite_record(library: Path) -> None:
+    """Make `library`'s record match its bytes again (size and CRC), as a file built that way would."""
+    record = library.with_suffix(".json")
+    data = json.loads(record.read_text())
+    data["size"], data["crc32"] = library.stat().st_size, zlib.crc32(library.read_bytes())
+    record.write_text(json.dumps(data))
+
+
+def test_a_correct_step_passes_its_check(built, model) -> None:
+    step = compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=False, cache_dir=built["cache"])
+    verdict = check(model, step)
+    assert verdict.ok and verdict.rows == 2 * 3 and verdict.tokens_off == 0, verdict
+    assert verdict.error < TOLERANCES["float32"] / 10, verdict
+
+
+def test_a_step_built_for_other_weights_is_rejected_when_loaded(built, tmp_path, monkeypatch, caplog) -> None:
+    """A step saved under another model's key (the record fixed up, so its CRC matches) is
+    caught by the check, removed, and generate() decodes eagerly with one warning."""
+    cache, library = copy_cache(built, tmp_path)
+    other = tiny_model(seed=SEED + 1)
+    stem = f"{step_key(other)}-s{SLOTS}"
+    for suffix in (".so", ".json"):
+        shutil.copy(library.with_suffix(suffix), cache / "compiled" / f"{stem}{suffix}")
+    wrong = cache / "compiled" / f"{stem}.so"
+    rewrite_record(wrong)
+    assert stepcache.check(stepcache.Entry(cache / "compiled", step_key(other), SLOTS))
+    with pytest.raises(ConfigError, match="failed its check against the eager model"):
+        compiled_step(other, slots=SLOTS, max_len=MAX_LEN, build=False, cache_dir=cache)
+    assert not wrong.exists() and not wrong.with_suffix(".json").exists()
+    for suffix in (".so", ".json"):  # once more, through generate()
+        shutil.copy(library.with_suffix(suffix), cache / "compiled" / f"{stem}{suffix}")
+    rewrite_record(wrong)
+    monkeypatch.setenv("GPT2KIT_CACHE_DIR", str(cache))
+    other = tiny_model(seed=SEED + 1)  # a fresh object: nothing of it is loaded in this process
+    kw = dict(max_new_tokens=8, temperature=0, eos_token_id=-1)
+    with caplog.at_level(logging.WARNING, logger="gpt2kit.model.compiled"):
+        got = generate(other, PROMPTS, compile=None, **kw)
+        again = generate(other, PROMPTS, compile=None, **kw)
+    assert got == again == generate(other, PROMPTS, compile=False, **kw)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "failed its check against the eager model (max |Δlogit|" in warnings[0]
+    assert warnings[0].endswith(": decoding eagerly")
+    assert not wrong.exists()
+
+
+def test_a_step_with_damaged_weights_inside_is_rejected(built, model, tmp_path) -> None:
+    """Bytes of the position embeddings inside the library changed (and the record's CRC
+    rewritten to match): the step loads, computes garbage, and the check catches it."""
+    cache, library = copy_cache(built, tmp_path)
+    data = bytearray(library.read_bytes())
+    w = model.wpe.weight.detach()
+    stored = [t.contiguous().numpy().tobytes() for t in (w, w.t())]  # either layout
+    at = [data.find(b) for b in stored]
+    hit = next(((i, b) for i, b in zip(at, stored, strict=True) if i >= 0), None)
+    assert hit is not None, "the step's library holds wpe's bytes as a constant"
+    i, b = hit
+    data[i : i + len(b)] = (torch.frombuffer(bytearray(b), dtype=torch.float32) * 40 + 1).numpy().tobytes()
+    library.write_bytes(bytes(data))
+    rewrite_record(library)
+    with pytest.raises(ConfigError, match="failed its check") as e:
+        compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=False, cache_dir=cache)
+    assert "\n" not in str(e.value)
+    assert not library.exists()
+
+
+def test_a_step_whose_output_is_perturbed_is_rejected(built, model, tmp_path, monkeypatch) -> None:
+    """The runner's logits off by a little more than the float32 bound: rejected."""
+    from gpt2kit.model.compiled import build
+
+    cache, library = copy_cache(built, tmp_path)
+    load = build.load_library
+
+    class Perturbed:
+        def __init__(self, runner) -> None:
+            self.runner = runner
+
+        def run(self, inputs):
+            logits = self.runner.run(inputs)[0]
+            return [logits + 10 * TOLERANCES["float32"] * logits.abs().amax() * torch.randn_like(logits)]
+
+    monkeypatch.setattr(build, "load_library", lambda path, device: Perturbed(load(path, device)))
+    with pytest.raises(ConfigError, match=r"bound 0\.0001 for float32"):
+        compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=False, cache_dir=cache)
+    assert not library.exists()
+
+
+def test_a_build_that_fails_its_check_is_never_saved_nor_built_again(
+    built, tmp_path, monkeypatch, caplog
+) -> None:
+    """generate(compile=True) whose build yields a step for other weights (the built one): it
+    is never saved, a warning says why, decoding is eager, and a later call doesn't rebuild."""
+    from gpt2kit.model.compiled import build
+
+    builds = []
+
+    def wrong_build(model, slots, folder, phase):
+        builds.append(slots)
+        return Path(shutil.copy(built["library"], folder / "step.so"))
+
+    monkeypatch.setattr(build, "build_library", wrong_build)
+    monkeypatch.setenv("GPT2KIT_CACHE_DIR", str(tmp_path))
+    other = tiny_model(seed=SEED + 2)
+    kw = dict(max_new_tokens=6, temperature=0, eos_token_id=-1)
+    with caplog.at_level(logging.WARNING, logger="gpt2kit.model.compiled"):
+        got = generate(other, PROMPTS[:1], compile=True, **kw)
+        assert got == generate(other, PROMPTS[:1], compile=True, **kw)
+        assert got == generate(tiny_model(seed=SEED + 2), PROMPTS[:1], compile=True, **kw)  # another object
+    assert got == generate(other, PROMPTS[:1], compile=False, **kw)
+    assert builds == [1], "built once, then the failure is remembered"
+    assert not list((tmp_path / "compiled").glob("*.so"))
+    assert len(list((tmp_path / "compiled").glob("*.failed"))) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2 and all("failed its check against the eager model" in w for w in warnings)
+
+
+def test_a_step_reused_for_new_tensors_is_checked_again(built, model, monkeypatch) -> None:
+    """The same values in new tensors (load_state_dict with assign=True): the loaded step is
+    reused without loading it again, but only after it passes its check against them."""
+    from gpt2kit.model.compiled import get
+
+    calls = []
+    monkeypatch.setattr(get, "check", lambda model, step: calls.append(step.slots) or check(model, step))
+    step = compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=False, cache_dir=built["cache"])
+    assert calls == [SLOTS]
+    assert (
+        compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=False, cache_dir=built["cache"]) is not None
+    )
+    assert calls == [SLOTS], "the same tensors: no second check"
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    again = compiled_step(model, slots=SLOTS, max_len=MAX_LEN, build=False, cache_dir=built["cache"])
+    assert calls == [SLOTS, SLOTS] and again._runner is step._runner
+    steps = MAX_LEN - len(PROMPTS[0])
+    assert greedy(model, again, PROMPTS, steps=steps, max_len=MAX_LEN) == built["tokens"]
+
+
+# --- weights swapped under a long-lived engine -------------------------------------------------
+
+
+def test_a_long_lived_engine_refuses_weights_swapped_by_assign(built, model, monkeypatch) -> None:
+    """load_state_dict(other, assign=True) while an engine holds a compiled step: the next
+    step refuses (never decodes with the old weights), the old parameters are freed (the step
+    holds none of them), and the next generate() follows the new weights."""
+    monkeypatch.setenv("GPT2KIT_CACHE_DIR", str(built["cache"]))
+    step = decode_step(model, slots=SLOTS, max_len=MAX_LEN, build=False)
+    assert step is not None
+    engine = Engine(model, slots=SLOTS, max_len=MAX_LEN, eos_token_id=-1, step=step)
+    row = engine.add(PROMPTS[0], SamplingConfig(max_new_tokens=10, temperature=0))
+    engine.step()
+    engine.step()
+    old = [weakref.ref(p) for p in model.parameters()]
+    other = tiny_model(seed=SEED + 3)
+    model.load_state_dict(other.state_dict(), assign=True)
+    with pytest.raises(ConfigError, match="weights changed after its compiled step was loaded"):
+        engine.step()  # picks token 3 from logits of before the swap, then refuses to decode
+    assert len(row.tokens) == 3
+    gc.collect()
+    assert all(r() is None for r in old), "the old parameters are freed"
+    kw = dict(max_new_tokens=8, temperature=0, eos_token_id=-1)
+    assert generate(model, PROMPTS, **kw) == generate(other, PROMPTS, compile=False, **kw)
+
+
+def test_model_outputs_are_bitwise_the_same_after_compiled_generate(built, model, monkeypatch) -> None:
+    monkeypatch.setenv("GPT2KIT_CACHE_DIR", str(built["cache"]))
+    x = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        before = model(x).logits
+    generate(model, PROMPTS, max_new_tokens=4, compile=None, seed=0)
+    assert compiled_step(model, slots=len(PROMPTS), max_len=MAX_LEN, build=False) is not None
+    with torch.inference_mode():
+        assert torch.equal(model(x).logits, before)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte", "no record", "no library", "bad record"])
@@ -267,7 +462,7 @@ def test_missing_compiler_is_a_one_line_error(model, tmp_path) -> None:
 
 
 def test_missing_python_headers_is_a_one_line_error(model, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr("gpt2kit.model.compiled.python_header", lambda: tmp_path / "Python.h")
+    monkeypatch.setattr("gpt2kit.model.compiled.build.python_header", lambda: tmp_path / "Python.h")
     problem = missing_toolchain()
     assert problem is not None and "Python.h" in problem and "python3-dev" in problem
     with pytest.raises(ConfigError, match="python3-dev"):

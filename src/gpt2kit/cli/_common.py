@@ -90,8 +90,8 @@ def pick(args: argparse.Namespace) -> Picks:
         quantize, why = pick_scheme(device, dtype)
         notes.append(f"[quantize int8: {quantize} ({why})]")
     compile = getattr(args, "compile", True)  # eval has no --compile: nothing to advise
-    # `generate` decodes eagerly unless --compile (or a saved step); `serve` only with --no-compile.
-    if quantize is not None and (compile is False or (compile is None and args.command == "generate")):
+    # Without --compile, `generate` and `serve` decode eagerly unless a step is saved.
+    if quantize is not None and compile is not True:
         # torchao's int8 runs as separate ops when eager; inductor fuses them (benchmarks/README.md).
         notes.append("[int8 decodes faster than float32 only compiled: add --compile]")
     return Picks(device, dtype, quantize, tuple(notes))

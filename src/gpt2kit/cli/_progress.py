@@ -27,6 +27,7 @@ class Ticker:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.gave_up = False  # set it to end without the "ready" line (the caller says why)
 
     def __call__(self, message: str) -> None:
         with self._lock:
@@ -66,6 +67,6 @@ class Ticker:
         with self._lock:
             if self.live and self.message:
                 self._draw(final=True)
-        if self.message and kind is None:
+        if self.message and kind is None and not self.gave_up:
             total = time.monotonic() - self.start
             print(f"[{self.label}] ready in {total:.1f}s", file=self.stream, flush=True)

@@ -8,6 +8,7 @@ import re
 import sys
 import time
 
+from gpt2kit.cli._compiled import COMPILE_HELP
 from gpt2kit.cli._stream import encode_prompt, stream_completion
 
 EXAMPLE = r"""examples:
@@ -96,9 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="--compile builds the compiled decode step if it isn't saved yet (once per model, dtype "
-        "and machine; needs a C++ compiler) and uses it; --no-compile never uses one; by default a saved "
-        "one is used when there is one (see docs/generation.md)",
+        help=COMPILE_HELP,
     )
     p.set_defaults(func=run)
 
@@ -199,7 +198,9 @@ def run(args: argparse.Namespace) -> int:
     encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)  # fails before any output
     model, device = load(args, picks)
     if args.compile:
-        prepare_compiled_step(model, rows=max(config.n, args.num_beams))
+        from gpt2kit.cli._compiled import prepare
+
+        prepare(model, rows=max(config.n, args.num_beams), compile=True)
     if args.interactive:
         from gpt2kit.cli._repl import prompt_loop
 
@@ -209,22 +210,6 @@ def run(args: argparse.Namespace) -> int:
     if args.n > 1 or args.logprobs is not None:
         return _samples(args, config, model, tokenizer, device)
     return _stream(args, config, model, tokenizer, device)
-
-
-def prepare_compiled_step(model, *, rows: int):
-    """Build (first time, with progress on stderr) or load the compiled step for `rows` rows
-    (and for more than one, the one-row step a lone row decodes with: `compiled.decode_step`);
-    `generate`/`complete` then find them loaded. A failed build is a one-line ConfigError."""
-    import logging
-
-    from gpt2kit.cli._progress import Ticker
-    from gpt2kit.model.compiled import decode_step
-
-    log = logging.getLogger("gpt2kit.model.compiled")
-    if not log.isEnabledFor(logging.DEBUG):  # the Ticker shows the phases; --verbose shows both
-        log.setLevel(logging.WARNING)
-    with Ticker("compiled step") as tick:
-        return decode_step(model, slots=rows, max_len=model.config.n_positions, build=True, progress=tick)
 
 
 def _stream(args: argparse.Namespace, config, model, tokenizer, device: str) -> int:

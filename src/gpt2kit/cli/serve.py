@@ -6,9 +6,12 @@ import argparse
 import os
 import sys
 
+from gpt2kit.cli._compiled import COMPILE_HELP
+
 EXAMPLE = """examples:
   gpt2kit serve --model gpt2                       # http://127.0.0.1:8000/ is the Explorer
   gpt2kit serve --model runs/shakespeare/final --port 8080 --api-key secret
+  gpt2kit serve --model gpt2 --compile             # the compiled decode step (built the first time)
   gpt2kit serve --model gpt2 --exit-on-engine-failure   # under systemd/k8s: exit 1, get restarted
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "gpt2", "prompt": "Hello", "max_tokens": 8, "seed": 1}'
@@ -60,10 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="the compiled decode step, built (the first time, with progress; benchmarks/README.md times it) "
-        "or loaded at start-up, "
-        "before the server answers; by default used when it can be built (needs a C++ compiler), else the "
-        "server decodes eagerly; --compile makes a failed build an error, --no-compile skips it",
+        help=COMPILE_HELP + "; the step is loaded (or built) at start-up, before the server answers",
     )
     p.add_argument("--max-pending", type=int, default=64, help="requests queued or running (429 beyond)")
     p.add_argument("--max-n", type=int, default=16, help="cap on a request's n")
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gpt2kit.cli._common import load
+    from gpt2kit.cli._compiled import prepare
     from gpt2kit.errors import ConfigError
     from gpt2kit.model.checkpoint import load_tokenizer
     from gpt2kit.server.app import create_app
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("GPT2KIT_API_KEY") or None
     model, device = load(args)
     tokenizer = load_tokenizer(args.model)
-    step = startup_step(model, slots=args.max_batch_size, compile=args.compile)
+    step = prepare(model, rows=args.max_batch_size, compile=args.compile)
     name = args.model_name or os.path.basename(os.path.normpath(str(args.model)))
     server: uvicorn.Server | None = None
     failures: list[str] = []
@@ -145,20 +146,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"gpt2kit serve: {failures[0]}; exiting (--exit-on-engine-failure)", file=sys.stderr)
         return 1
     return 0
-
-
-def startup_step(model, *, slots: int, compile: bool | None):
-    """The compiled step to serve with, built or loaded now (before the server answers), or
-    None for eager decoding: with --no-compile, or when it can't be built and --compile wasn't given."""
-    from gpt2kit.cli.generate import prepare_compiled_step
-    from gpt2kit.errors import ConfigError
-
-    if compile is False:
-        return None
-    try:
-        return prepare_compiled_step(model, rows=slots)
-    except ConfigError as e:
-        if compile:
-            raise
-        print(f"warning: {e}; serving with the eager decode step", file=sys.stderr)
-        return None

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -468,9 +468,27 @@ class Engine:
         self.logits = self.cache.decode([r.tokens[-1] for r in self.rows], positions)
 
 
-def step_for(model: GPT2, *, slots: int, max_len: int, compile: bool | None) -> DecodeStep | None:
-    """The compiled step for `compile` (None: a saved one if any; True: built if needed; False:
-    none), or None for the eager step."""
+def step_for(
+    model: GPT2,
+    *,
+    slots: int,
+    max_len: int,
+    compile: bool | None,
+    progress: Callable[[str], None] | None = None,
+) -> DecodeStep | None:
+    """The decode step `compile` asks for, or None for the eager one. One meaning everywhere
+    (`generate`, `complete`, `beam_search`, `gpt2kit generate`, `serve`, `eval`):
+
+    - None (the default): the compiled step saved for this model, if there is one; else eager.
+      Nothing is built behind the caller's back.
+    - True: the same, building it first when none is saved (minutes, once per model, dtype
+      and machine; `progress(message)` hears each phase).
+    - False: eager.
+
+    A compiled step is used only after it passes its check against the eager model. When
+    one is wanted but can't be had (no C++ compiler, a failed build, a failed check), one
+    warning says why and decoding is eager (`gpt2kit.model.compiled.decode_step`).
+    """
     if compile is False:
         return None
-    return decode_step(model, slots=slots, max_len=max_len, build=compile is True)
+    return decode_step(model, slots=slots, max_len=max_len, build=compile is True, progress=progress)

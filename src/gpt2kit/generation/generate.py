@@ -68,8 +68,11 @@ def generate(
     from <|endoftext|>; a prompt longer than the context keeps its last tokens (a warning).
     `eos_token_id` ends a row: None is the model config's (`generation.prompts.eos_id`), -1
     never ends one (padding is then 0). `num_beams > 1` is beam search as `transformers` does it (`gpt2kit.generation.beam`).
-    `compile`: None uses a compiled decode step when one is saved for this model, True
-    builds one if needed (`gpt2kit.model.compiled`), False never does.
+    `compile`: None (the default) decodes with the compiled step saved for this model if
+    there is one, else eagerly; True also builds it when none is saved (minutes, once per
+    model, dtype and machine); False decodes eagerly. A compiled step is used only after it
+    passes its check against the eager model; when one can't be had, a warning says why and
+    decoding is eager (`generation.engine.step_for`).
     """
     config = SamplingConfig.build(config, **options)
     if config.stop or config.logprobs is not None:

@@ -418,23 +418,28 @@ def use_decode_layout(model: nn.Module) -> None:
     One-token decoding is a matrix-vector product per weight, bound by memory bandwidth.
     On CPU, `x @ W.T` streams a weight stored [in, out] (the `W.T` contiguous) faster than
     one stored [out, in] (benchmarks/README.md, "Decode weight layout"). The GEMM may sum in
-    another order, so logits agree to float rounding, not always to the bit.
-    The parameters stay the same objects (a strided view), so training, `state_dict` and
-    `save_pretrained` work as before. Idempotent.
+    another order, so decode-step logits agree to float rounding, not always to the bit.
+
+    What changes in the model: each 2-D weight's memory order (stride `(1, out)`, a new
+    `data_ptr`), once. What doesn't: the Parameter objects, their values, shapes and dtypes,
+    so training, `state_dict` and `save_pretrained` work as before, and `model(x)` stays
+    bitwise the same (tests/model/test_decode_layout.py, also under ATEN_CPU_CAPABILITY=avx2),
+    and trainable when this runs under `torch.inference_mode()`. Idempotent.
 
     >>> model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10, n_positions=8))
     >>> use_decode_layout(model); model.wte.weight.stride()
     (1, 10)
     """
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dim() == 2:
-                w = module.weight
-                if (
-                    type(w.data) is not Tensor
-                ):  # a quantized weight (gpt2kit.model.quantize) has its own layout
-                    continue
-                if w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dim() == 2:
+            w = module.weight
+            if type(w.data) is not Tensor:  # a quantized weight (gpt2kit.model.quantize) has its own layout
+                continue
+            if w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
+                # The new memory is made in the mode the weight was: under a caller's
+                # inference_mode it would become an inference tensor, and the model could
+                # no longer be trained.
+                with torch.no_grad(), torch.inference_mode(w.is_inference()):
                     w.data = w.data.t().contiguous().t()
 
 

@@ -8,7 +8,8 @@ another torch or another machine is never loaded.
 
 Layout, in `<cache_dir()>/compiled/`: `<key>-s<slots>.so` (the step, for up to `slots`
 rows), `<key>-s<slots>.json` (its record: what it was built for, the file's size and
-CRC-32) and `<key>-s<slots>.lock` (held while building). The library and then the record
+CRC-32), `<key>-s<slots>.lock` (held while building) and `<key>-s<slots>.failed` (a build
+here failed its check against the eager model: why, so it isn't built again). The library and then the record
 are each written atomically (`gpt2kit.atomic`), and a step counts only when its file
 matches its record: a crash mid-save, a truncated copy or a damaged file reads as missing.
 Deleting the folder is always safe.
@@ -85,25 +86,29 @@ def weights_digest(model: nn.Module) -> str:
     """SHA-256 over every parameter and buffer: names, types, dtypes, shapes and bytes.
 
     Tensor subclasses (torchao's quantized weights) are hashed through their inner tensors.
-    About 0.3 s for gpt2 (124M) in fp32.
+    About 0.3 s for gpt2 (124M) in fp32. Works under `torch.inference_mode()` too.
     """
     h = hashlib.sha256()
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for name, t in sorted(named, key=lambda item: item[0]):
-        h.update(name.encode())
-        _hash_tensor(h, t.detach())
+    with torch.no_grad():
+        for name, t in sorted(named, key=lambda item: item[0]):
+            h.update(name.encode())
+            _hash_tensor(h, t)
     return h.hexdigest()
 
 
 def _hash_tensor(h: hashlib._Hash, t: Tensor) -> None:
     h.update(f"{type(t).__qualname__} {t.dtype} {tuple(t.shape)}".encode())
     if type(t) not in (Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        # Flattened, not detached: torchao's detach of a subclass sets a version counter,
+        # which an inference tensor refuses ("Cannot set version_counter for inference tensor").
         attrs, ctx = t.__tensor_flatten__()
         h.update(repr(ctx).encode())
         for attr in attrs:
             _hash_tensor(h, getattr(t, attr))
         return
-    h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+    data = t.detach() if t.requires_grad else t  # plain tensors: no autograd, just bytes
+    h.update(data.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def code_digest(model: nn.Module, extra_files: tuple[str, ...] = ()) -> str:
@@ -203,6 +208,10 @@ class Entry:
     def lock(self) -> Path:
         return self.folder / f"{self.stem}.lock"
 
+    @property
+    def failed(self) -> Path:
+        return self.folder / f"{self.stem}.failed"
+
 
 def steps_folder(root: Path | None = None) -> Path:
     return (root if root is not None else cache_dir()) / "compiled"
@@ -254,6 +263,21 @@ def remove(entry: Entry) -> None:
     for path in (entry.record, entry.library):
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def mark_failed(entry: Entry, reason: str) -> None:
+    """Remember that `entry` was built here and failed its check (`reason`, one line): the
+    same compiler on the same machine would build the same step, so it isn't built again."""
+    entry.folder.mkdir(parents=True, exist_ok=True)
+    write_text(entry.failed, reason + "\n")
+
+
+def failure(entry: Entry) -> str | None:
+    """Why `entry` failed its check when it was built here, or None."""
+    try:
+        return entry.failed.read_text().strip() or None
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
