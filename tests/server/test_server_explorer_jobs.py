@@ -54,41 +54,50 @@ def wait_until(ready, *, limit_s: float = 60) -> None:
 def replay(log: list[Slice], share: float) -> tuple[int, int]:
     """Check the rule on the engine thread's log; (Explorer jobs run while decoding, steps)."""
     start = next(i for i, s in enumerate(log) if s.kind == "idle")  # a known balance: 0
+    expected = next((s.seconds for s in reversed(log[:start]) if s.kind == "job"), 0.0)
     balance, busy_jobs, steps, steps_since_job = 0.0, 0, 0, None
     for s in log[start:]:
         if s.kind == "idle":
             balance, steps_since_job = 0.0, None
         elif s.kind == "step":
-            balance = min(0.0, balance + share * s.seconds)
+            balance = min(expected, balance + share * s.seconds)
             steps += 1
             steps_since_job = None if steps_since_job is None else steps_since_job + 1
-        elif s.busy:
-            assert balance >= 0, f"a job started owing {-balance:.6f}s of decoding"
-            assert steps_since_job != 0, "two Explorer jobs ran with no decode step between them"
-            balance -= s.seconds
-            busy_jobs += 1
-            steps_since_job = 0
+        else:
+            if s.busy:
+                assert balance >= expected, f"a job started with {balance:.6f}s earned, not {expected:.6f}s"
+                assert steps_since_job != 0, "two Explorer jobs ran with no decode step between them"
+                balance -= s.seconds
+                busy_jobs += 1
+                steps_since_job = 0
+            expected = s.seconds
     return busy_jobs, steps
 
 
 def test_timeshare_rule() -> None:
     share = TimeShare(share=0.1)
-    assert share.may_run(busy=True)
-    share.ran_job(0.010, busy=True)  # 10 ms of Explorer: 100 ms of decoding pays for it
-    for _ in range(9):
+    assert share.may_run(busy=True)  # nothing to pay for yet
+    share.ran_job(0.010, busy=True)  # 10 ms: it and the next are paid by 200 ms of decoding
+    for _ in range(19):
         share.ran_step(0.010)
         assert not share.may_run(busy=True)
         assert share.may_run(busy=False)  # nothing decoding: nothing to protect
-    share.ran_step(0.010)
+    share.ran_step(0.0101)  # (a hair over: sums of floats)
     assert share.may_run(busy=True)
-    for _ in range(100):  # decoding with no Explorer waiting builds no burst
+    for _ in range(100):  # decoding with no Explorer waiting saves one job's worth, no more
         share.ran_step(0.010)
-    share.ran_job(0.001, busy=True)
-    assert not share.may_run(busy=True)
-    share.ran_job(5.0, busy=False)  # while idle, jobs cost nothing
+    assert share.balance == pytest.approx(0.010)
+    share.ran_job(0.030, busy=True)  # longer than saved: 20 ms owed, and the next expected at 30
+    assert share.balance == pytest.approx(-0.020) and not share.may_run(busy=True)
+    share.ran_job(5.0, busy=False)  # while idle, jobs cost nothing...
     share.idle()
-    assert share.may_run(busy=True) and share.balance == 0
-    assert [s.kind for s in share.log][-3:] == ["job", "job", "idle"]
+    assert share.balance == 0 and not share.may_run(busy=True)  # ...but the next busy one is prepaid
+    for _ in range(49):
+        share.ran_step(1.0)
+    assert not share.may_run(busy=True)
+    share.ran_step(1.01)  # 50 s of decoding: 5 s earned
+    assert share.may_run(busy=True)
+    assert [s.kind for s in share.log][-52:-50] == ["job", "idle"]
 
 
 def test_explorer_answers_while_a_completion_streams(model_dir: Path) -> None:
