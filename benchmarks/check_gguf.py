@@ -83,7 +83,7 @@ def greedy(model: GPT2, prompt: list[int], n: int) -> tuple[list[int], torch.Ten
 
     tokens = generate(model, [prompt], max_new_tokens=n, temperature=0, eos_token_id=-1, compile=False)[0]
     first = model(torch.tensor([prompt])).logits[0, -1].float()
-    return tokens, first  # id-list prompts get their new tokens only
+    return tokens[-n:], first  # the prompt, then exactly n new tokens (no end-of-text stops them)
 
 
 def depth(a: list[int], b: list[int]) -> int:

@@ -53,7 +53,7 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
         )
     if path.exists():
         raise CheckpointError(
-            f"{path}: expected a model directory with config.json (or a .gguf file), found another file"
+            f"{path}: expected a model directory with config.json or a .gguf file, found a file"
         )
     name = str(name_or_path)
     looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
