@@ -159,7 +159,19 @@ def device_description(device: torch.device) -> dict:
         "cpu": name,
         "flags": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
         "threads": torch.get_num_threads(),
+        # What inductor generates code for: its vector ISA (AMX on an AMX CPU even at the
+        # "avx512" level, docs/numerics.md) and the -march it compiles with.
+        "inductor_isa": _inductor_isa(),
+        "march": os.environ.get("TORCHINDUCTOR_CPP_MARCH", "native"),
     }
+
+
+def _inductor_isa() -> str:
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+    except ImportError:  # an older torch: the capability above stands for it
+        return "?"
+    return str(pick_vec_isa())
 
 
 def _cpuinfo() -> tuple[str, list[str]]:
