@@ -100,6 +100,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and machine; needs a C++ compiler) and uses it; --no-compile never uses one; by default a saved "
         "one is used when there is one (see docs/generation.md)",
     )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="each sample's tokens are the same bits as the library's alone with its seed, "
+        "whatever else decodes beside it (--n samples decode together); slower (docs/generation.md)",
+    )
     p.set_defaults(func=run)
 
 
@@ -199,7 +205,10 @@ def run(args: argparse.Namespace) -> int:
     encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)  # fails before any output
     model, device = load(args, picks)
     if args.compile:
-        prepare_compiled_step(model, rows=max(config.n, args.num_beams))
+        from gpt2kit.generation.engine import DECODE_ROWS
+
+        rows = max(config.n, args.num_beams)
+        prepare_compiled_step(model, rows=max(rows, DECODE_ROWS) if args.deterministic else rows)
     if args.interactive:
         from gpt2kit.cli._repl import prompt_loop
 
@@ -255,6 +264,7 @@ def _samples(args: argparse.Namespace, config, model, tokenizer, device: str) ->
         args.prompt,
         config,
         compile=args.compile,
+        deterministic=args.deterministic,
         allowed_special="all" if args.allow_special else frozenset(),
     )
     dt = time.perf_counter() - t0
@@ -308,6 +318,7 @@ def _beam(args: argparse.Namespace, config, model, tokenizer) -> int:
         length_penalty=args.length_penalty,
         eos_token_id=eos,
         compile=args.compile,
+        deterministic=args.deterministic,
     )
     dt = time.perf_counter() - t0
     new = out[0][len(prompt) :]

@@ -79,12 +79,14 @@ def create_app(
     max_pending: int = 64,
     max_body_bytes: int = 1_000_000,
     step: DecodeStep | None = None,
+    deterministic: bool = False,
 ) -> FastAPI:
     """A FastAPI app serving `model`; its engine thread starts now and stops at shutdown.
 
     `max_pending` caps the requests queued or running (429 beyond), `max_batch_size` the
     rows decoded together (the engine's cache slots), `max_body_bytes` the request body (413
-    beyond), `step` the decode step (eager by default; `gpt2kit.model.compiled` builds compiled ones).
+    beyond), `step` the decode step (eager by default; `gpt2kit.model.compiled` builds compiled ones),
+    `deterministic` the engine's (a request's tokens don't depend on the requests beside it).
     """
     worker = Worker(
         model,
@@ -93,6 +95,7 @@ def create_app(
         slots=max_batch_size,
         max_pending=max_pending,
         step=step,
+        deterministic=deterministic,
     )
     app = _base_app(worker, api_key=api_key, max_body_bytes=max_body_bytes)
     # Declares the bearer scheme in the OpenAPI document; Guard enforces it.

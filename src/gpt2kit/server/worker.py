@@ -66,6 +66,8 @@ class Worker:
 
     `slots` is the engine's cache slots (rows decoded together), `max_pending` the requests
     held (running and waiting) before `submit` raises WorkerBusy, `step` the decode step.
+    `deterministic`: the engine's (`gpt2kit.generation.engine`): a request's tokens are the
+    same bits however many other requests run beside it.
     """
 
     def __init__(
@@ -77,8 +79,10 @@ class Worker:
         max_pending: int = 64,
         batching: bool = True,
         step: DecodeStep | None = None,
+        deterministic: bool = False,
     ) -> None:
         self.model = model
+        self.deterministic = deterministic
         self.eos = eos_token_id
         self.n_ctx = model.config.n_positions
         self.slots = slots
@@ -98,7 +102,13 @@ class Worker:
         self._thread.start()
 
     def _new_engine(self) -> Engine:
-        return Engine(self.model, slots=self.slots, eos_token_id=self.eos, step=self._step)
+        return Engine(
+            self.model,
+            slots=self.slots,
+            eos_token_id=self.eos,
+            step=self._step,
+            deterministic=self.deterministic,
+        )
 
     # --- the event loop's side ----------------------------------------------------------
 
