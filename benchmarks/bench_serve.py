@@ -16,6 +16,7 @@ client's tokens/s against CTranslate2's (target >= 1.5x), 8 clients against one 
 
     .venv/bin/python benchmarks/bench_serve.py                 # small random model, ~1-2 min
     .venv/bin/python benchmarks/bench_serve.py --gpt2          # gpt2 124M vs CTranslate2
+    .venv/bin/python benchmarks/bench_serve.py --gpt2 --deterministic  # the same, bit-exact mode
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def gpt2_vs_ctranslate2(args: argparse.Namespace) -> None:
             make_model_dir(model_dir)
         print(machine_line())
         t0 = time.perf_counter()
-        server = ServerProcess(str(model_dir), batching=True, threads=None)
+        extra = ("--deterministic",) if args.deterministic else ()
+        server = ServerProcess(str(model_dir), batching=True, threads=None, extra=extra)
         print(f"server up in {time.perf_counter() - t0:.1f}s (a first start builds the compiled step)")
         try:
             asyncio.run(run_level(server.url, 2, 4, 8))  # warm-up
@@ -205,6 +207,9 @@ def main() -> None:
         "--gpt2", action="store_true", help="gpt2 124M with the server's defaults vs CTranslate2"
     )
     parser.add_argument("--work", default=None, help="--gpt2: folder for the model and its conversion")
+    parser.add_argument(
+        "--deterministic", action="store_true", help="--gpt2: serve with --deterministic (its cost)"
+    )
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels")
     parser.add_argument("--requests", type=int, default=32, help="requests per level")
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per request")

@@ -273,6 +273,7 @@ def test_the_worker_under_8_concurrent_requests_gives_each_its_own_tokens(narrow
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # a build: minutes, more on a loaded machine
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compiled_steps_give_a_row_its_own_bits(dtype: torch.dtype) -> None:
     """A compiled step (built once per model and machine: minutes) called with DECODE_ROWS rows:
@@ -296,6 +297,7 @@ def test_compiled_steps_give_a_row_its_own_bits(dtype: torch.dtype) -> None:
         assert_same_bits(logits[rows[i]], want, f"row {i}")
 
 
+@pytest.mark.timeout(1800)  # the module's own time again (seconds; many times that on a loaded machine)
 def test_the_module_passes_under_avx2() -> None:
     """Every test above again, with ATen's kernels capped at AVX2 (another blocking, other
     vector widths): the guarantee is for every CPU level."""
@@ -305,6 +307,6 @@ def test_the_module_passes_under_avx2() -> None:
     command = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"]
     command += ["-k", "not avx2", "-m", "not slow"]
     out = subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).parents[2]
+        command, capture_output=True, text=True, env=env, timeout=1700, cwd=Path(__file__).parents[2]
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
