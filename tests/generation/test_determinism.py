@@ -297,6 +297,14 @@ def test_compiled_steps_give_a_row_its_own_bits(dtype: torch.dtype) -> None:
         assert_same_bits(logits[rows[i]], want, f"row {i}")
 
 
+def test_the_cpu_level_is_the_one_asked() -> None:
+    """In the AVX2 re-run, ATen's kernels really are capped (the variable is read at import)."""
+    asked = os.environ.get("ATEN_CPU_CAPABILITY")
+    if asked is None:
+        pytest.skip("no level asked")
+    assert torch.backends.cpu.get_cpu_capability().lower() == asked.lower()
+
+
 @pytest.mark.timeout(1800)  # the module's own time again (seconds; many times that on a loaded machine)
 def test_the_module_passes_under_avx2() -> None:
     """Every test above again, with ATen's kernels capped at AVX2 (another blocking, other
