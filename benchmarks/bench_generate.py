@@ -17,7 +17,8 @@ gpt2kit's options: fp32 / bf16 / int8 weights with fp32 or bf16 activations
 (`GPT2.from_pretrained(dtype=, quantize="int8")`, which picks its scheme for the CPU),
 each eager and with the compiled step (`gpt2kit.model.compiled`, built once and saved; its build
 or load time is printed apart). "default" is `generate()` with no options: eager when no
-compiled step is saved, the saved step when there is one.
+compiled step is saved, the saved step when there is one. A "-det" suffix (`fp32-eager-det`)
+is the option with `deterministic=True` (a row's tokens the same bits whatever runs beside it).
 
     python benchmarks/bench_generate.py                     # batch 1 and 8, every option
     python benchmarks/bench_generate.py --batch 1 --only fp32-eager,bf16-compiled
@@ -53,6 +54,9 @@ OPTIONS = [
     "int8-compiled",
     "int8bf16-compiled",  # int8 weights, bf16 activations: what --quantize int8 picks with native bf16
 ]
+# Not in the default list: deterministic=True (every decode call of DECODE_ROWS rows, exact
+# attention), for its cost against the plain option: --only fp32-eager,fp32-eager-det,...
+DETERMINISTIC = ["fp32-eager-det", "fp32-compiled-det", "bf16-eager-det", "bf16-compiled-det"]
 
 
 def cpu_name() -> str:
@@ -122,7 +126,8 @@ def gpt2kit_system(path: Path, option: str, ids: torch.Tensor) -> tuple[Callable
     from gpt2kit import GPT2, generate
     from gpt2kit.model.compiled import compiled_step
 
-    precision, mode = ("fp32", "default") if option == "default" else option.split("-")
+    deterministic = option.endswith("-det")
+    precision, mode = ("fp32", "default") if option == "default" else option.removesuffix("-det").split("-")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": None, "int8bf16": torch.bfloat16}[
         precision
     ]
@@ -143,7 +148,15 @@ def gpt2kit_system(path: Path, option: str, ids: torch.Tensor) -> tuple[Callable
         )
 
     def run(n: int) -> None:
-        generate(model, ids, max_new_tokens=n, temperature=0, eos_token_id=-1, compile=compile)
+        generate(
+            model,
+            ids,
+            max_new_tokens=n,
+            temperature=0,
+            eos_token_id=-1,
+            compile=compile,
+            deterministic=deterministic,
+        )
 
     return run, note
 

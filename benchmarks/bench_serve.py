@@ -24,6 +24,7 @@ Explorer load (target >= 0.9x), and what the Explorer clients got (answers, 429s
     .venv/bin/python benchmarks/bench_serve.py                 # small random model, ~1-2 min
     .venv/bin/python benchmarks/bench_serve.py --gpt2          # gpt2 124M vs CTranslate2
     .venv/bin/python benchmarks/bench_serve.py --explorer-load --serve-flag=--no-compile
+    .venv/bin/python benchmarks/bench_serve.py --gpt2 --deterministic  # the same, bit-exact mode
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ def gpt2_vs_ctranslate2(args: argparse.Namespace) -> None:
             make_model_dir(model_dir)
         print(machine_line())
         t0 = time.perf_counter()
-        server = ServerProcess(str(model_dir), batching=True, threads=None, extra=("--compile",))
+        extra = ("--compile", "--deterministic") if args.deterministic else ("--compile",)
+        server = ServerProcess(str(model_dir), batching=True, threads=None, extra=extra)
         print(f"server up in {time.perf_counter() - t0:.1f}s (a first start builds the compiled step)")
         try:
             asyncio.run(run_level(server.url, 2, 4, 8))  # warm-up
@@ -340,6 +342,9 @@ def main() -> None:
         help="--explorer-load: a flag for gpt2kit serve (repeat it), e.g. --serve-flag=--no-compile",
     )
     parser.add_argument("--work", default=None, help="--gpt2, --explorer-load: folder for the model")
+    parser.add_argument(
+        "--deterministic", action="store_true", help="--gpt2: serve with --deterministic (its cost)"
+    )
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels")
     parser.add_argument("--requests", type=int, default=32, help="requests per level")
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per request")

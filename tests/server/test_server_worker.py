@@ -110,17 +110,22 @@ def test_busy_when_full_and_cancel_frees(model: GPT2) -> None:
         w.stop()
 
 
-def test_no_batching_gives_the_same_tokens(model: GPT2, worker: Worker) -> None:
-    serial = Worker(model, eos_token_id=EOS, batching=False)
+def test_no_batching_gives_the_same_tokens(model: GPT2) -> None:
+    # Bit for bit only with deterministic decoding: in the default mode a decode step's last
+    # bits may depend on how many rows run, and a sampled token with them (issue 19, on an
+    # AMX CPU; tests/generation/test_determinism.py checks the logits themselves).
+    serial = Worker(model, eos_token_id=EOS, batching=False, deterministic=True)
+    batched = Worker(model, eos_token_id=EOS, slots=4, deterministic=True)
     config = SamplingConfig(max_new_tokens=7, seed=9)
 
     async def many(w: Worker):
         return await asyncio.gather(*(collect(w, [p], config) for p in PROMPTS))
 
     try:
-        assert asyncio.run(many(serial)) == asyncio.run(many(worker))
+        assert asyncio.run(many(serial)) == asyncio.run(many(batched))
     finally:
         serial.stop()
+        batched.stop()
 
 
 def test_stop_ends_waiting_requests(model: GPT2) -> None:

@@ -40,6 +40,7 @@ def stream_completion(model, tokenizer, prompt: str, config, args: argparse.Name
         config,
         stream=True,
         compile=args.compile,
+        deterministic=args.deterministic,
         allowed_special="all" if args.allow_special else frozenset(),
     )
     try:

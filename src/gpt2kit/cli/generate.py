@@ -99,6 +99,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help=COMPILE_HELP,
     )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="each sample's tokens are the same bits as the library's alone with its seed, "
+        "whatever else decodes beside it (--n samples decode together); slower (docs/generation.md)",
+    )
     p.set_defaults(func=run)
 
 
@@ -199,8 +205,10 @@ def run(args: argparse.Namespace) -> int:
     model, device = load(args, picks)
     if args.compile:
         from gpt2kit.cli._compiled import prepare
+        from gpt2kit.generation.engine import DECODE_ROWS
 
-        prepare(model, rows=max(config.n, args.num_beams), compile=True)
+        rows = max(config.n, args.num_beams)
+        prepare(model, rows=max(rows, DECODE_ROWS) if args.deterministic else rows, compile=True)
     if args.interactive:
         from gpt2kit.cli._repl import prompt_loop
 
@@ -240,6 +248,7 @@ def _samples(args: argparse.Namespace, config, model, tokenizer, device: str) ->
         args.prompt,
         config,
         compile=args.compile,
+        deterministic=args.deterministic,
         allowed_special="all" if args.allow_special else frozenset(),
     )
     dt = time.perf_counter() - t0
@@ -293,6 +302,7 @@ def _beam(args: argparse.Namespace, config, model, tokenizer) -> int:
         length_penalty=args.length_penalty,
         eos_token_id=eos,
         compile=args.compile,
+        deterministic=args.deterministic,
     )
     dt = time.perf_counter() - t0
     new = out[0][len(prompt) :]

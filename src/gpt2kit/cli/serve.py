@@ -65,6 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help=COMPILE_HELP + "; the step is loaded (or built) at start-up, before the server answers",
     )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="a request's tokens are the same bits however many others run beside it (the same as "
+        "gpt2kit generate --deterministic gives); decoding is slower (docs/serving.md)",
+    )
     p.add_argument("--max-pending", type=int, default=64, help="requests queued or running (429 beyond)")
     p.add_argument("--max-n", type=int, default=16, help="cap on a request's n")
     p.add_argument("--max-tokens", type=int, default=None, help="cap on max_tokens; None: the context")
@@ -107,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("GPT2KIT_API_KEY") or None
     model, device = load(args)
     tokenizer = load_tokenizer(args.model)
-    step = prepare(model, rows=args.max_batch_size, compile=args.compile)
+    from gpt2kit.generation.engine import DECODE_ROWS
+
+    # Deterministic decoding calls the step with DECODE_ROWS rows, whatever the batch size.
+    rows = max(args.max_batch_size, DECODE_ROWS) if args.deterministic else args.max_batch_size
+    step = prepare(model, rows=rows, compile=args.compile)
     name = args.model_name or os.path.basename(os.path.normpath(str(args.model)))
     server: uvicorn.Server | None = None
     failures: list[str] = []
@@ -129,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         step=step,
         on_engine_failure=on_engine_failure,
+        deterministic=args.deterministic,
     )
     print(
         f"serving {name!r} on {device} ({'compiled' if step is not None else 'eager'} decode step) "

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from gpt2kit.errors import ConfigError
 from gpt2kit.generation.config import SamplingConfig
-from gpt2kit.generation.engine import SlotCache, step_for
+from gpt2kit.generation.engine import SlotCache, deterministic_step, step_for
 from gpt2kit.generation.processors import History, penalise
 from gpt2kit.generation.prompts import eos_id, fit_prompt, left_pad, pad_id, unpad
 from gpt2kit.model.gpt2 import GPT2, use_decode_layout
@@ -56,6 +56,7 @@ def beam_search(
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
     compile: bool | None = None,
+    deterministic: bool = False,
 ) -> Tensor:
     """Best beam per prompt: [B, T + new] ids, shorter results padded with eos (as `transformers`).
 
@@ -63,7 +64,9 @@ def beam_search(
     context keep their last tokens. `eos_token_id` None is the model's (`prompts.eos_id`).
     `repetition_penalty` and `no_repeat_ngram_size` edit the beams' log-probabilities as in
     `transformers`. `compile` as in `generate`: the beams decode with the engine's compiled
-    step when one is saved (or built, with True).
+    step when one is saved (or built, with True). `deterministic=True` decodes at one fixed
+    shape, so a prompt's beams are the same bits whatever prompts search beside it
+    (`gpt2kit.generation.engine`).
     """
     _check_options(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
     penalties = SamplingConfig(
@@ -93,8 +96,9 @@ def beam_search(
     rows = [p for p in prompts for _ in range(num_beams)]  # slot r holds row r's beam
     lengths = [len(p) for p in rows]  # real prompt length of each row
     max_len = max(lengths) + max_new
-    step = step_for(model, slots=len(rows), max_len=max_len, compile=compile)
-    cache = SlotCache(model, slots=len(rows), max_len=max_len, step=step)
+    pick_step = deterministic_step if deterministic else step_for
+    step = pick_step(model, slots=len(rows), max_len=max_len, compile=compile)
+    cache = SlotCache(model, slots=len(rows), max_len=max_len, step=step, deterministic=deterministic)
     _, logits = cache.prefill(0, rows)
     while True:
         logp = logits.float().log_softmax(dim=-1)  # (B*K, V)

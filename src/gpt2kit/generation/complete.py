@@ -76,6 +76,7 @@ def complete(
     allowed_special: Literal["all"] | AbstractSet[str] = ...,
     compile: bool | None = None,
     batch_size: int | None = None,
+    deterministic: bool = False,
     **options: Any,
 ) -> list[Completion]: ...
 @overload
@@ -89,6 +90,7 @@ def complete(
     allowed_special: Literal["all"] | AbstractSet[str] = ...,
     compile: bool | None = None,
     batch_size: int | None = None,
+    deterministic: bool = False,
     **options: Any,
 ) -> Iterator[CompletionChunk]: ...
 
@@ -103,6 +105,7 @@ def complete(
     allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
     compile: bool | None = None,
     batch_size: int | None = None,
+    deterministic: bool = False,
     **options: Any,
 ) -> list[Completion] | Iterator[CompletionChunk]:
     """Complete every prompt `config.n` times: `len(prompts) * n` completions, prompt by prompt.
@@ -113,7 +116,8 @@ def complete(
     are checked before it is returned). `allowed_special="all"` encodes special tokens
     written in a prompt (`<|endoftext|>`) as themselves; by default they are an error, as in
     `Tokenizer.encode`. `compile` as in `generate`; `batch_size` caps the rows decoded
-    together (the engine's slots; default: all rows, at most 64).
+    together (the engine's slots; default: all rows, at most 64). `deterministic=True`: each
+    completion's tokens are the same bits whatever else decodes beside it (as in `generate`).
     """
     config = SamplingConfig.build(config, **options)
     if isinstance(prompts, str):
@@ -130,7 +134,13 @@ def complete(
         for p in prompts
     ]
     engine, rows = start(
-        model, ids, config, eos_token_id=eos_id(model, tokenizer), compile=compile, slots=batch_size
+        model,
+        ids,
+        config,
+        eos_token_id=eos_id(model, tokenizer),
+        compile=compile,
+        slots=batch_size,
+        deterministic=deterministic,
     )
     texts = _Texts(tokenizer, rows, config)
     chunks = texts.chunks(engine)

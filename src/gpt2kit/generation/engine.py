@@ -7,10 +7,23 @@ eval generation tasks and `gpt2kit serve`; beam search uses its cache and step.
   A row (one prompt, one sample) owns one slot. Rows are kept packed in slots 0..n-1: a row
   that leaves is replaced by the last one (one slot copy), so no tensor ever changes shape.
 - Every row is at its own position. A row that joins is prefilled into its slot from
-  position 0 (`GPT2.prefill`), then each step feeds one token per row at that row's own
-  position (`GPT2.decode_step`, or its compiled version: `gpt2kit.model.compiled`).
+  position 0 (`GPT2.prefill`), on its own, then each step feeds one token per row at that
+  row's own position (`GPT2.decode_step`, or its compiled version: `gpt2kit.model.compiled`).
 - Each row samples with its own `SamplingConfig` and its own generator: one uniform number per
   step, so a row's tokens depend only on its seed, never on the rows beside it.
+
+Which rows run beside a row can change its logits in the last bits, and a sampled token with
+them (a neighbouring token sits just past the drawn uniform number): CPU kernels pick their
+blocking, vector tails and thread split from the shapes they are called with, and a GEMM
+with M = 1 row sums in another order than one with M = 8. Two measures make a row's tokens
+depend only on its prompt, its config and its seed, bit for bit (docs/generation.md):
+- always: each prompt is prefilled alone, at its own length (no padding to a batch's
+  longest prompt), so its kernels see shapes that depend on that prompt only;
+- with `deterministic=True`: every decode call has the same shape, `DECODE_ROWS` rows
+  (free slots run a dummy row; more rows run as several calls), and attention is computed
+  by kernels whose result for a row depends neither on its slot nor on the attended span
+  (`ExactEagerStep`; a compiled step writes attention out already). It costs speed
+  (benchmarks/README.md, "Deterministic decoding"), so it is an option.
 
 `step()` runs one round (admit waiting rows into free slots, choose one token for every row,
 run the model for the rows still going) and returns what happened as events.
@@ -31,6 +44,7 @@ from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt2kit.errors import ConfigError
 from gpt2kit.generation.config import SamplingConfig, row_generator, uniforms
@@ -42,12 +56,13 @@ log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
-# Rows prefilled together hold at most this many (padded) prompt tokens: bounds the
-# activations of one prefill (its MLP holds 4 x n_embd floats per token).
-PREFILL_TOKENS = 8192
 # Eager steps attend over the positions in use, rounded up to this: fewer cache reads than
 # the whole max_len when rows are short, and few distinct shapes.
 LENGTH_BUCKET = 64
+# Rows in every decode call with `deterministic=True`: one fixed shape for every kernel,
+# whatever the number of running rows (the server's default slots, and the batch the
+# compiled steps are tuned for).
+DECODE_ROWS = 8
 
 
 class DecodeStep(Protocol):
@@ -81,59 +96,108 @@ class EagerStep:
         return self.model.decode_step(idx, input_pos, k_cache, v_cache)
 
 
+class ExactEagerStep(EagerStep):
+    """`GPT2.decode_step` with attention from ATen's plain ops (SDPA's math backend).
+
+    The fused CPU attention kernel gives a row results that depend on which of its threads
+    ran it, so on the row's slot and the batch size (float32, 2 threads: ~1e-7); the plain
+    matmul + softmax ones give a row the same bits in any slot and over any attended span
+    past its position (tests/generation/test_determinism.py). Slower (see benchmarks/README.md)."""
+
+    def __call__(
+        self, idx: Tensor, input_pos: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]
+    ) -> Tensor:
+        with sdpa_kernel(SDPBackend.MATH):
+            return self.model.decode_step(idx, input_pos, k_cache, v_cache)
+
+
 class SlotCache:
     """The KV cache of `slots` rows of `max_len` positions, and the model run on it.
 
     Per layer, keys and values (slots, nh, max_len, hs), allocated once in the model's dtype.
     `prefill` writes prompts into a range of slots from position 0; `decode` feeds one
     token per row at each row's own position; `copy` and `reorder` move rows between slots.
+    With `deterministic`, every decode call runs `DECODE_ROWS` rows (the cache holds a
+    multiple of that many slots) and the eager step is `ExactEagerStep`.
     """
 
-    def __init__(self, model: GPT2, *, slots: int, max_len: int, step: DecodeStep | None = None) -> None:
+    def __init__(
+        self,
+        model: GPT2,
+        *,
+        slots: int,
+        max_len: int,
+        step: DecodeStep | None = None,
+        deterministic: bool = False,
+    ) -> None:
         config = model.config
         self.model = model
         self.device = model.wte.weight.device
-        self.step: DecodeStep = step if step is not None else EagerStep(model)
+        self.deterministic = deterministic
+        eager = ExactEagerStep(model) if deterministic else EagerStep(model)
+        self.step: DecodeStep = step if step is not None else eager
         if self.step.max_len is not None:
             max_len = self.step.max_len
-        if self.step.slots is not None and self.step.slots < slots:
-            raise ConfigError(f"the decode step takes at most {self.step.slots} rows, not {slots} slots")
+        # Rows per decode call: any number up to `slots`, or always DECODE_ROWS.
+        self.call_rows = DECODE_ROWS if deterministic else slots
+        if self.step.slots is not None and self.step.slots < self.call_rows:
+            raise ConfigError(
+                f"the decode step takes at most {self.step.slots} rows, not {self.call_rows}"
+                + (" (deterministic decoding calls it with DECODE_ROWS rows)" if deterministic else "")
+            )
         self.slots = slots
         self.max_len = max_len
         dtype = model.wte.weight.dtype
-        shape = (slots, config.n_head, max_len, config.head_size)
+        allocated = -(-slots // self.call_rows) * self.call_rows  # room for the dummy rows
+        shape = (allocated, config.n_head, max_len, config.head_size)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.n_layer)]
 
     def prefill(self, first: int, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
         """Write `prompts` into slots first, first + 1, ...; returns (hidden states (b, T, C)
-        right-padded, next-token logits (b, V) at each prompt's last token)."""
+        right-padded with zeros, next-token logits (b, V) at each prompt's last token).
+
+        Each prompt runs on its own, batch 1 at its own length: padded to a batch's longest
+        prompt, a row's GEMMs and attention would have shapes (and so blocking and summation
+        orders) that depend on the prompts beside it, and its logits would differ in the
+        last bits (issue 19: a sampled token flipped on an AMX CPU)."""
         b, T = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros(b, T, dtype=torch.long)
+        states, logits = [], []
         for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
-        k = [t[first : first + b] for t in self.k]
-        v = [t[first : first + b] for t in self.v]
-        h = self.model.prefill(ids.to(self.device), k, v)  # (b, T, C)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return h, self.model.logits(h[torch.arange(b, device=self.device), last])
+            ids = torch.tensor([list(p)], dtype=torch.long, device=self.device)  # (1, t)
+            k = [t[first + i : first + i + 1] for t in self.k]
+            v = [t[first + i : first + i + 1] for t in self.v]
+            h = self.model.prefill(ids, k, v)  # (1, t, C)
+            states.append(h[0])
+            logits.append(self.model.logits(h[:, -1]))  # (1, V)
+        h = states[0].new_zeros(b, T, states[0].shape[-1])
+        for i, state in enumerate(states):
+            h[i, : state.shape[0]] = state
+        return h, torch.cat(logits)
 
     def decode(self, tokens: Sequence[int] | Tensor, positions: Sequence[int]) -> Tensor:
         """Logits (n, V) after feeding row i (slot i) `tokens[i]` at `positions[i]`."""
         n = len(positions)
-        b = self.step.batch_size(n)
-        assert n <= b <= self.slots, f"the step asked for batch {b} for {n} rows and {self.slots} slots"
+        if self.deterministic:
+            b = -(-n // self.call_rows) * self.call_rows
+        else:
+            b = self.step.batch_size(n)
+        assert n <= b <= self.k[0].shape[0], f"batch {b} for {n} rows and {self.slots} slots"
         pad = b - n
         idx = torch.as_tensor(tokens, device=self.device).reshape(n)
-        if pad:
+        if pad:  # dummy rows: token 0 at position 0 of a free slot, their logits dropped
             idx = torch.cat([idx, idx.new_zeros(pad)])
         input_pos = torch.tensor(list(positions) + [0] * pad, device=self.device)  # (b,)
         L = self.max_len
         if self.step.max_len is None:  # attend over the positions in use only
             L = min(self.max_len, -(-(max(positions) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET)
-        k = [t[:b, :, :L] for t in self.k]
-        v = [t[:b, :, :L] for t in self.v]
-        return self.step(idx[:, None], input_pos, k, v)[:n]
+        rows = b if not self.deterministic else self.call_rows
+        out = []
+        for s in range(0, b, rows):  # one call, or DECODE_ROWS rows a call when deterministic
+            k = [t[s : s + rows, :, :L] for t in self.k]
+            v = [t[s : s + rows, :, :L] for t in self.v]
+            out.append(self.step(idx[s : s + rows, None], input_pos[s : s + rows], k, v))
+        return (out[0] if len(out) == 1 else torch.cat(out))[:n]
 
     def copy(self, src: int, dst: int, length: int) -> None:
         """Slot `dst` takes the first `length` positions of slot `src`."""
@@ -208,6 +272,9 @@ class Engine:
     `max_len` defaults to the model's context; `eos_token_id` ends a row (None or -1: never).
     `step` is the decode step to run (an `EagerStep` by default; `gpt2kit.model.compiled` builds
     compiled ones). On CPU the model's weights get the decode layout (`use_decode_layout`).
+    `deterministic`: decode at one fixed shape, so that a row's tokens are the same bits
+    whatever rows run beside it and in whichever slot (see the module docstring); a compiled
+    `step` must then take `DECODE_ROWS` rows.
     """
 
     def __init__(
@@ -218,6 +285,7 @@ class Engine:
         max_len: int | None = None,
         eos_token_id: int | None = None,
         step: DecodeStep | None = None,
+        deterministic: bool = False,
     ) -> None:
         if not isinstance(slots, int) or slots < 1:
             raise ConfigError(f"slots must be an integer >= 1, got {slots!r}")
@@ -227,7 +295,8 @@ class Engine:
         if self.device.type == "cpu":
             use_decode_layout(model)  # faster matrix-vector products on CPU (benchmarks/README.md)
         max_len = min(max_len or config.n_positions, config.n_positions)
-        self.cache = SlotCache(model, slots=slots, max_len=max_len, step=step)
+        self.cache = SlotCache(model, slots=slots, max_len=max_len, step=step, deterministic=deterministic)
+        self.deterministic = deterministic
         self.slots = slots
         self.max_len = self.cache.max_len
         self.eos = -1 if eos_token_id is None else eos_token_id
@@ -312,19 +381,12 @@ class Engine:
             events.append(FinishEvent(row, reason))
 
     def _admit(self, events: list[Event]) -> None:
-        """Move waiting rows into free slots and prefill them, in groups of bounded size."""
+        """Move waiting rows into free slots and prefill them, each alone (`SlotCache.prefill`)."""
         joined: list[Row] = []
         while self.waiting and len(self.rows) + len(joined) < self.slots:
             joined.append(self.waiting.popleft())
-        group: list[Row] = []
-        for row in joined:
-            width = max([len(r.prompt) for r in group] + [len(row.prompt)])
-            if group and width * (len(group) + 1) > PREFILL_TOKENS:
-                self._prefill(group, events)
-                group = []
-            group.append(row)
-        if group:
-            self._prefill(group, events)
+        if joined:
+            self._prefill(joined, events)
 
     def _prefill(self, group: list[Row], events: list[Event]) -> None:
         first = len(self.rows)
@@ -466,6 +528,24 @@ class Engine:
         """Feed each running row its last token at its own position; keep the logits."""
         positions = [len(r.prompt) + len(r.tokens) - 1 for r in self.rows]
         self.logits = self.cache.decode([r.tokens[-1] for r in self.rows], positions)
+
+
+def deterministic_step(
+    model: GPT2,
+    *,
+    slots: int,
+    max_len: int,
+    compile: bool | None,
+    progress: Callable[[str], None] | None = None,
+) -> DecodeStep | None:
+    """The compiled step for a deterministic engine (`compile` as in `step_for`): one that takes
+    `DECODE_ROWS` rows or more, without the one-row tier (every call has DECODE_ROWS rows)."""
+    if compile is False:
+        return None
+    rows = max(slots, DECODE_ROWS)
+    return decode_step(
+        model, slots=rows, max_len=max_len, build=compile is True, progress=progress, tiered=False
+    )
 
 
 def step_for(

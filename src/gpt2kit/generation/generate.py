@@ -21,7 +21,7 @@ from torch import Tensor
 from gpt2kit.errors import ConfigError
 from gpt2kit.generation.beam import beam_search
 from gpt2kit.generation.config import SamplingConfig
-from gpt2kit.generation.engine import Engine, Row, step_for
+from gpt2kit.generation.engine import Engine, Row, deterministic_step, step_for
 from gpt2kit.generation.prompts import eos_id, fit_prompt, left_pad, pad_id, prompt_list, token_ids, unpad
 from gpt2kit.model.gpt2 import GPT2
 
@@ -52,6 +52,7 @@ def generate(
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
     compile: bool | None = None,
+    deterministic: bool = False,
     **options: Any,
 ) -> Tensor | list[list[int]]:
     """Continue each prompt; returns the prompt plus its new tokens.
@@ -73,6 +74,10 @@ def generate(
     model, dtype and machine); False decodes eagerly. A compiled step is used only after it
     passes its check against the eager model; when one can't be had, a warning says why and
     decoding is eager (`generation.engine.step_for`).
+    `deterministic=True`: a row's tokens are the same bits whichever prompts decode beside
+    it (alone, in a batch, in any slot); slower (`gpt2kit.generation.engine`, docs/generation.md).
+    Without it, each prompt's prefill is already its own, but a decode step's last bits may
+    depend on how many rows run.
     """
     config = SamplingConfig.build(config, **options)
     if config.stop or config.logprobs is not None:
@@ -83,9 +88,12 @@ def generate(
         if config.n > 1:
             raise ConfigError("n > 1 samples with beam search is not supported; use one or the other")
         beams = {"num_beams": num_beams, "length_penalty": length_penalty, "early_stopping": early_stopping}
-        new = _beam_tokens(model, prompts, config, eos=eos, compile=compile, **beams)
+        new = _beam_tokens(
+            model, prompts, config, eos=eos, compile=compile, deterministic=deterministic, **beams
+        )
     else:
-        new = [row.tokens for row in run(model, prompts, config, eos_token_id=eos, compile=compile)]
+        rows = run(model, prompts, config, eos_token_id=eos, compile=compile, deterministic=deterministic)
+        new = [row.tokens for row in rows]
     if not isinstance(input_ids, Tensor):
         return [prompts[r // config.n] + tokens for r, tokens in enumerate(new)]
     return _as_tensor(input_ids, prompts, new, eos=eos, n=config.n)
@@ -107,6 +115,7 @@ def _beam_tokens(
     *,
     eos: int,
     compile: bool | None,
+    deterministic: bool,
     **beams: Any,
 ) -> list[list[int]]:
     """Each prompt's new tokens from beam search (`beams`: num_beams, length_penalty, early_stopping)."""
@@ -120,6 +129,7 @@ def _beam_tokens(
         repetition_penalty=config.repetition_penalty,
         no_repeat_ngram_size=config.no_repeat_ngram_size,
         compile=compile,
+        deterministic=deterministic,
         **beams,
     )
     return [row[ids.shape[1] :] for row in out.tolist()]
@@ -147,9 +157,12 @@ def run(
     *,
     eos_token_id: int,
     compile: bool | None = None,
+    deterministic: bool = False,
 ) -> list[Row]:
     """Decode `n` rows per prompt to the end; returns the rows (prompt i's sample j at i * n + j)."""
-    engine, rows = start(model, prompts, config, eos_token_id=eos_token_id, compile=compile)
+    engine, rows = start(
+        model, prompts, config, eos_token_id=eos_token_id, compile=compile, deterministic=deterministic
+    )
     for _ in engine.events():
         pass
     return rows
@@ -163,20 +176,24 @@ def start(
     eos_token_id: int,
     compile: bool | None = None,
     slots: int | None = None,
+    deterministic: bool = False,
 ) -> tuple[Engine, list[Row]]:
     """An engine sized for these prompts with their rows queued (row r = i * n + j, seed + r);
-    `slots` rows at most decode together (default: every row, at most MAX_SLOTS)."""
+    `slots` rows at most decode together (default: every row, at most MAX_SLOTS);
+    `deterministic` as in `generate`."""
     count = len(prompts) * config.n
     if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):
         raise ConfigError(f"batch_size must be an integer >= 1, got {slots!r}")
     slots = min(count, slots or MAX_SLOTS)
     max_len = min(model.config.n_positions, max(len(p) for p in prompts) + config.max_new_tokens)
+    pick_step = deterministic_step if deterministic else step_for
     engine = Engine(
         model,
         slots=slots,
         max_len=max_len,
         eos_token_id=eos_token_id,
-        step=step_for(model, slots=slots, max_len=max_len, compile=compile),
+        step=pick_step(model, slots=slots, max_len=max_len, compile=compile),
+        deterministic=deterministic,
     )
     rows = [
         engine.add(p, config, seed=config.row_seed(i * config.n + j), tag=i * config.n + j)

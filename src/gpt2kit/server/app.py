@@ -91,6 +91,7 @@ def create_app(
     step: DecodeStep | None = None,
     max_explorer_jobs: int = 16,
     on_engine_failure: Callable[[str], None] | None = None,
+    deterministic: bool = False,
 ) -> FastAPI:
     """A FastAPI app serving `model`; its engine thread starts now and stops at shutdown.
 
@@ -99,6 +100,7 @@ def create_app(
     beyond), `step` the decode step (eager by default; `gpt2kit.model.compiled` builds compiled ones),
     `max_explorer_jobs` the Explorer requests waiting for the engine thread (429 beyond).
     `on_engine_failure(reason)` is called (on the engine thread) if that thread fails.
+    `deterministic` the engine's (a request's tokens don't depend on the requests beside it).
     """
     worker = Worker(
         model,
@@ -109,6 +111,7 @@ def create_app(
         step=step,
         max_jobs=max_explorer_jobs,
         on_failure=on_engine_failure,
+        deterministic=deterministic,
     )
     app = _base_app(worker, api_key=api_key, max_body_bytes=max_body_bytes)
     # Declares the bearer scheme in the OpenAPI document; Guard enforces it.

@@ -104,6 +104,8 @@ class Worker:
     `max_jobs` bounds the jobs waiting for the engine thread (`call` raises WorkerBusy
     beyond) and `explorer_share` their share of the thread while rows decode.
     `on_failure(reason)` is called on the engine thread once it has failed.
+    `deterministic`: the engine's (`gpt2kit.generation.engine`): a request's tokens are the
+    same bits however many other requests run beside it.
     """
 
     def __init__(
@@ -118,8 +120,10 @@ class Worker:
         max_jobs: int = 16,
         explorer_share: float = EXPLORER_SHARE,
         on_failure: Callable[[str], None] | None = None,
+        deterministic: bool = False,
     ) -> None:
         self.model = model
+        self.deterministic = deterministic
         self.eos = eos_token_id
         self.n_ctx = model.config.n_positions
         self.slots = slots
@@ -145,7 +149,13 @@ class Worker:
         self._thread.start()
 
     def _new_engine(self) -> Engine:
-        return Engine(self.model, slots=self.slots, eos_token_id=self.eos, step=self._step)
+        return Engine(
+            self.model,
+            slots=self.slots,
+            eos_token_id=self.eos,
+            step=self._step,
+            deterministic=self.deterministic,
+        )
 
     # --- the event loop's side ----------------------------------------------------------
 

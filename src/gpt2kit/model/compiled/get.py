@@ -37,12 +37,19 @@ CODE = (_build.__file__, Path(_build.__file__).with_name("runtime.py"))
 
 
 def decode_step(
-    model: GPT2, *, slots: int, max_len: int, build: bool, progress: Progress | None = None
+    model: GPT2,
+    *,
+    slots: int,
+    max_len: int,
+    build: bool,
+    progress: Progress | None = None,
+    tiered: bool = True,
 ) -> CompiledStep | TieredStep | None:
     """What the engine decodes `slots` rows with, or None to decode eagerly.
 
     `compiled_step(...)` for `slots` rows and, for more than one, the one-row step beside it
-    (`TieredStep`), each loaded if saved, else built if `build`. When a step is wanted but
+    (`TieredStep`; not with `tiered=False`, where every call must run on the same kernels),
+    each loaded if saved, else built if `build`. When a step is wanted but
     can't be had (no C++ compiler, a failed build, a failed check against the eager model),
     logs one warning saying why (once per model and reason) and returns None (or the step
     for `slots` rows alone, when only the one-row step can't be had). Bad arguments are
@@ -54,7 +61,7 @@ def decode_step(
     except ConfigError as e:
         _warn(model, e)
         return None
-    if many is None or many.slots == 1:
+    if many is None or many.slots == 1 or not tiered:
         return many
     try:
         one = compiled_step(model, slots=1, max_len=max_len, build=build, progress=progress, exact=True)
