@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
+from gpt2kit.dtypes import DTYPE_CHOICES, DTYPE_NAMES
 from gpt2kit.errors import ConfigError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 # --- the hardware probes --------------------------------------------------------------------

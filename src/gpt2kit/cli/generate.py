@@ -77,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=r"stop before this text (repeatable; never printed); escapes: \n is a newline, \t a tab, "
         r"\r a carriage return, \uXXXX a code point, \\ one backslash (so \\n is a literal backslash-n)",
     )
+    _add_end_flags(p)
     p.add_argument("--n", type=int, default=1, help="this many samples of the prompt, each under a header")
     p.add_argument(
         "--logprobs",
@@ -101,6 +102,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         "one is used when there is one (see docs/generation.md)",
     )
     p.set_defaults(func=run)
+
+
+def _add_end_flags(p: argparse.ArgumentParser) -> None:
+    """How the text ends and what it shows: SamplingConfig's eos and text rules, vLLM's names."""
+    p.add_argument(
+        "--min-tokens",
+        type=int,
+        default=None,
+        help="neither the end-of-text token nor a stop string ends the text before this many tokens",
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        default=None,
+        help="keep generating after <|endoftext|> (it adds no text); always --max-new-tokens tokens",
+    )
+    p.add_argument(
+        "--include-stop-str-in-output",
+        action="store_true",
+        default=None,
+        help="print the stop string that ended the text",
+    )
+    p.add_argument(
+        "--skip-special-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--no-skip-special-tokens prints <|endoftext|> where the model writes it (default: skipped)",
+    )
+    p.add_argument(
+        "--spaces-between-special-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="vLLM's option, accepted: a byte-level BPE inserts no spaces either way",
+    )
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -145,17 +180,18 @@ def sampling_config(args: argparse.Namespace):
 
 
 def _logit_bias(items: list[str]) -> dict[int, float]:
-    from gpt2kit.generation.config import SamplingError
+    """The --logit-bias values' syntax (the ranges are SamplingConfig's)."""
+    from gpt2kit.errors import ConfigError
 
     bias = {}
     for item in items:
         token, sep, value = item.partition("=")
         try:
+            if not sep:
+                raise ValueError
             bias[int(token)] = float(value)
         except ValueError:
-            raise SamplingError("logit_bias", f"takes ID=BIAS, e.g. 50256=-100; got {item!r}") from None
-        if not sep:
-            raise SamplingError("logit_bias", f"takes ID=BIAS, e.g. 50256=-100; got {item!r}")
+            raise ConfigError(f"--logit-bias takes ID=BIAS, e.g. 50256=-100; got {item!r}") from None
     return bias
 
 
@@ -167,8 +203,6 @@ def check_args(args: argparse.Namespace):
 
     if args.stop:
         args.stop = [unescape(s) for s in args.stop]
-    if any(s == "" for s in args.stop or ()):
-        raise ConfigError("--stop '' would stop before the first token; give the text to stop before")
     config = sampling_config(args)
     if args.num_beams < 1:
         raise ConfigError(f"--num-beams must be >= 1 (1 = no beam search), got {args.num_beams}")
@@ -190,7 +224,7 @@ def _check_combinations(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit.cli._common import load, pick
+    from gpt2kit.cli._common import load, pick, prepare_compiled_step
     from gpt2kit.model.checkpoint import load_tokenizer
 
     config = check_args(args)
@@ -209,22 +243,6 @@ def run(args: argparse.Namespace) -> int:
     if args.n > 1 or args.logprobs is not None:
         return _samples(args, config, model, tokenizer, device)
     return _stream(args, config, model, tokenizer, device)
-
-
-def prepare_compiled_step(model, *, rows: int):
-    """Build (first time, with progress on stderr) or load the compiled step for `rows` rows
-    (and for more than one, the one-row step a lone row decodes with: `compiled.decode_step`);
-    `generate`/`complete` then find them loaded. A failed build is a one-line ConfigError."""
-    import logging
-
-    from gpt2kit.cli._progress import Ticker
-    from gpt2kit.model.compiled import decode_step
-
-    log = logging.getLogger("gpt2kit.model.compiled")
-    if not log.isEnabledFor(logging.DEBUG):  # the Ticker shows the phases; --verbose shows both
-        log.setLevel(logging.WARNING)
-    with Ticker("compiled step") as tick:
-        return decode_step(model, slots=rows, max_len=model.config.n_positions, build=True, progress=tick)
 
 
 def _stream(args: argparse.Namespace, config, model, tokenizer, device: str) -> int:
@@ -294,7 +312,7 @@ def _beam(args: argparse.Namespace, config, model, tokenizer) -> int:
     """Beam search: the best beam is known only at the end, so print it whole."""
     from gpt2kit.generation.generate import generate
     from gpt2kit.generation.prompts import eos_id, fit_prompt
-    from gpt2kit.generation.textstream import TextStream
+    from gpt2kit.generation.textstream import decode
 
     ids = encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)
     prompt = fit_prompt(model, ids, config.max_new_tokens, tokenizer=tokenizer)  # where the new tokens start
@@ -313,10 +331,6 @@ def _beam(args: argparse.Namespace, config, model, tokenizer) -> int:
     new = out[0][len(prompt) :]
     if eos in new:
         new = new[: new.index(eos)]
-    text = TextStream(stop=config.stop)
-    for t in new:
-        text.push(tokenizer.decode_bytes([t]))
-    text.finish()
-    sys.stdout.write(args.prompt + text.text + "\n")
+    sys.stdout.write(args.prompt + decode(tokenizer, new, config) + "\n")
     print(f"[{len(new)} tokens, {args.num_beams} beams, {dt:.2f}s]", file=sys.stderr)
     return 0

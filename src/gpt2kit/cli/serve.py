@@ -125,7 +125,7 @@ def startup_step(model, *, slots: int, compile: bool | None):
     None for eager decoding: with --no-compile, or when it can't be built and --compile wasn't given."""
     import sys
 
-    from gpt2kit.cli.generate import prepare_compiled_step
+    from gpt2kit.cli._common import prepare_compiled_step
     from gpt2kit.errors import ConfigError
 
     if compile is False:
