@@ -216,6 +216,9 @@ def _check_combinations(args: argparse.Namespace) -> None:
 
     beams = args.num_beams > 1
     rich = "--n" if args.n > 1 else "--logprobs" if args.logprobs is not None else None
+    if beams and (args.min_tokens or args.ignore_eos):
+        flag = "--min-tokens" if args.min_tokens else "--ignore-eos"
+        raise ConfigError(f"{flag} works with sampling and greedy search, not --num-beams; drop one")
     if beams and rich:
         raise ConfigError(f"{rich} works with sampling and greedy search, not --num-beams; drop one")
     if args.interactive and (beams or rich):

@@ -286,7 +286,8 @@ class CompletionRun:
             if isinstance(event, PromptEvent):
                 self._echo(r, event)
             else:
-                open_rows -= isinstance(event, FinishEvent)
+                if isinstance(event, FinishEvent):
+                    open_rows -= 1
                 choice.row.take(event)
             yield r
 
