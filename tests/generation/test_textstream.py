@@ -112,3 +112,15 @@ def test_complete_follows_the_same_rules(tok: Tokenizer) -> None:
     )
     assert "".join(ch.text for ch in chunks) == " world! Bye now"
     assert sum(len(ch.token_ids) for ch in chunks) == 5 and chunks[-1].finish_reason == "length"
+
+
+def test_beam_search_refuses_the_eos_rules() -> None:
+    import torch
+
+    from gpt2kit.errors import ConfigError
+    from gpt2kit.generation.generate import generate
+
+    model = scripted_model(SCRIPT)
+    for option in (dict(min_tokens=1), dict(ignore_eos=True)):
+        with pytest.raises(ConfigError, match="not beams"):
+            generate(model, torch.tensor([[11]]), max_new_tokens=3, num_beams=2, **option)
