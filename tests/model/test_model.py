@@ -278,3 +278,21 @@ def test_builds_on_meta_then_materialises() -> None:
     model.reset_parameters()
     with torch.no_grad():
         assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long)).logits).all()
+
+
+def test_extend_equals_the_full_forward_at_each_rows_own_position() -> None:
+    # Several new tokens per row after its cached ones (the eval scorer's continuations).
+    model = tiny_model(seed=7)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 3, 6)]
+    more = torch.randint(0, 97, (3, 4), generator=g)
+    cfg, L = model.config, 9 + 4
+    k = [torch.zeros(3, cfg.n_head, L, cfg.head_size) for _ in range(cfg.n_layer)]
+    v = [torch.zeros_like(t) for t in k]
+    ids = torch.tensor([p + [0] * (9 - len(p)) for p in prompts])
+    with torch.no_grad():
+        model.prefill(ids, k, v)
+        h = model.extend(more, torch.tensor([len(p) for p in prompts]), k, v)  # (3, 4, C)
+        for i, p in enumerate(prompts):
+            want = model(torch.tensor([p + more[i].tolist()])).logits[0, len(p) :]
+            torch.testing.assert_close(model.logits(h[i]), want, atol=1e-5, rtol=0)

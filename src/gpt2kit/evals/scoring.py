@@ -2,8 +2,8 @@
 
 `score_choices` scores several continuations of one context each. The context runs once
 (a batch of contexts fills the engine's KV cache, `generation.engine.SlotCache`), the cache
-is copied to one slot per continuation, and the continuations run together on top of it,
-each at its own position. So a multiple-choice item with 4 options costs one context pass,
+is copied to one slot per continuation, and the continuations run together on top of it
+in one pass (`GPT2.extend`), each at its own position. So a multiple-choice item with 4 options costs one context pass,
 not 4, and many items share each forward pass. Logits are computed only where a
 continuation token is predicted, never for the context.
 
@@ -27,6 +27,9 @@ from gpt2kit.errors import DataError
 from gpt2kit.generation.engine import SlotCache
 from gpt2kit.generation.prompts import eos_id
 from gpt2kit.model.gpt2 import GPT2
+
+# At most this many logits (rows x positions x vocab) exist at once: 2**25 floats, 128 MiB.
+LOGITS_BUDGET = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ def _score_batch(
 
     The engine's `SlotCache`: slots R.. hold the B contexts (prefilled together, right-padded;
     attention is causal, so padding is never seen), slots 0..R-1 get a copy of their context's
-    slot, and the continuations' tokens run one step at a time, each row at its own position.
+    slot, and all continuations run in one pass (`GPT2.extend`), each row at its own position.
     """
     B = len(contexts)
     row_item = [b for b, item in enumerate(conts) for _ in item]
@@ -176,12 +179,18 @@ def _score_batch(
     hits = torch.zeros(R, To + 1, dtype=torch.bool)
     lp, hit = _pick(first.float()[torch.tensor(row_item, device=device)], targets[:, 0].to(device))
     logprobs[:, 0], hits[:, 0] = lp.cpu(), hit.cpu()
-    for t in range(To):
-        # Rows with shorter continuations feed padding here; `valid` drops what it predicts.
-        positions = [len(contexts[b]) + t for b in row_item]
-        logits = cache.decode(targets[:, t].to(device), positions).float()  # (R, V)
-        lp, hit = _pick(logits, targets[:, t + 1].to(device))
-        logprobs[:, t + 1], hits[:, t + 1] = lp.cpu(), hit.cpu()
+    if To > 0:
+        # Rows with shorter continuations feed padding at the end; `valid` drops what it predicts.
+        starts = torch.tensor([len(contexts[b]) for b in row_item], device=device)
+        h = model.extend(
+            targets[:, :To].to(device), starts, [t[:R] for t in cache.k], [t[:R] for t in cache.v]
+        )
+        chunk = max(1, LOGITS_BUDGET // (To * model.config.vocab_size))
+        for start in range(0, R, chunk):
+            rows = slice(start, min(start + chunk, R))
+            logits = model.logits(h[rows]).float()  # (r, To, V)
+            lp, hit = _pick(logits, targets[rows, 1:].to(device))
+            logprobs[rows, 1:], hits[rows, 1:] = lp.cpu(), hit.cpu()
 
     valid = torch.arange(To + 1)[None, :] < lengths[:, None]  # (R, To + 1)
     sums = (logprobs * valid).sum(dim=1, dtype=torch.float64)

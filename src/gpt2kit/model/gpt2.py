@@ -80,8 +80,9 @@ def _write(
     """Write the new keys and values (B, nh, T, hs) into `cache`; return what to attend to.
 
     Prefill (`input_pos` None): positions 0..T-1 of every row, attended to causally. Decode
-    (`input_pos` (B,), T = 1): row b's at input_pos[b]; every shape stays static (the whole
-    cache is returned, and the caller's mask hides what a row has not written)."""
+    and extend (`input_pos` (B,)): row b's at input_pos[b].. input_pos[b] + T - 1; every
+    shape stays static (the whole cache is returned, and the caller's mask hides what a row
+    has not written)."""
     k_cache, v_cache = cache
     if input_pos is None:
         T = k.shape[2]
@@ -89,8 +90,14 @@ def _write(
         v_cache[:, :, :T] = v
         return k_cache[:, :, :T], v_cache[:, :, :T]
     rows = torch.arange(k.shape[0], device=k.device)
-    k_cache[rows, :, input_pos] = k[:, :, 0]  # row b's key at its own position input_pos[b]
-    v_cache[rows, :, input_pos] = v[:, :, 0]
+    T = k.shape[2]
+    if T == 1:  # decode: the form the compiled step is built from
+        k_cache[rows, :, input_pos] = k[:, :, 0]  # row b's key at its own position input_pos[b]
+        v_cache[rows, :, input_pos] = v[:, :, 0]
+        return k_cache, v_cache
+    pos = input_pos[:, None] + torch.arange(T, device=k.device)  # (B, T): `extend`
+    k_cache[rows[:, None], :, pos] = k.transpose(1, 2)  # (B, T, nh, hs)
+    v_cache[rows[:, None], :, pos] = v.transpose(1, 2)
     return k_cache, v_cache
 
 
@@ -310,6 +317,19 @@ class GPT2(nn.Module):
         caches = list(zip(k_cache, v_cache, strict=True))
         x = self.hidden_states(idx, input_pos[:, None], attn_mask, False, caches, input_pos)
         return self.logits(x[:, -1])  # (B, V)
+
+    def extend(self, idx: Tensor, input_pos: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]) -> Tensor:
+        """Hidden states (B, T, C) of T new tokens per row after the row's cached ones: row b's
+        at positions input_pos[b]..input_pos[b] + T - 1, written into the cache there.
+
+        `decode_step` for several tokens at once (the eval scorer's continuations); row b
+        attends to its positions up to each token's own."""
+        T, L = idx.shape[1], k_cache[0].shape[2]
+        positions = input_pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+        keys = torch.arange(L, device=idx.device)
+        attn_mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, L)
+        caches = list(zip(k_cache, v_cache, strict=True))
+        return self.hidden_states(idx, positions, attn_mask, False, caches, input_pos)
 
     def logits(self, x: Tensor) -> Tensor:
         """The tied output projection; rows past vocab_size (padding) are never scored.
