@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from gpt2kit.dtypes import DTYPE_CHOICES, DTYPE_NAMES
 from gpt2kit.errors import ConfigError
 
 # How to cap one machine's instruction set downwards (docs/numerics.md has what each switch
@@ -56,8 +57,7 @@ CPU_LEVELS: dict[str, dict[str, str]] = {
 # The CPU flags (`cpu_features()`) each level needs.
 _LEVEL_NEEDS = {"native": (), "avx512": ("avx512_f", "avx512_bw", "avx512_vl"), "avx2": ("avx2", "fma3")}
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 # --- the hardware probes --------------------------------------------------------------------

@@ -79,6 +79,12 @@ def test_mps_without_mps_is_an_error(tiny_hf_dir: Path, capsys: pytest.CaptureFi
         (["--logprobs", "1", "--interactive"], "drop --logprobs or --interactive"),
         (["--top-k=-1"], "--top-k must be an integer >= 0 (0 = off)"),
         (["--stop", ""], "--stop ''"),
+        (
+            ["--min-tokens", "9", "--max-new-tokens", "4"],
+            "--min-tokens must be an integer in [0, max_new_tokens=4]",
+        ),
+        (["--min-tokens", "2", "--num-beams", "2"], "--min-tokens works with sampling"),
+        (["--ignore-eos", "--num-beams", "2"], "--ignore-eos works with sampling"),
         (["--prompt", "<|endoftext|>hello"], "add --allow-special"),
     ],
 )
@@ -279,3 +285,14 @@ def test_n_with_logprobs_prints_a_table_per_sample(
 
 
 # --- the --compile claim --------------------------------------------------------------------
+
+
+def test_ignore_eos_always_gives_max_new_tokens(
+    tiny_hf_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for seed in ("1", "2", "3"):
+        code, _, err = gen(
+            capsys, tiny_hf_dir, "--prompt", "Hi", "--max-new-tokens", "6", "--seed", seed, "--ignore-eos"
+        )
+        assert code == 0, err
+        assert "[6 tokens in" in err, err

@@ -6,6 +6,8 @@ strings in streamed text.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -118,7 +120,7 @@ def test_complete_stop_strings_never_leak(gpt2_tokenizer: Tokenizer) -> None:
 
 def test_complete_logprobs_and_n(model) -> None:
     class Tok:  # the tiny model's vocabulary is 97 bytes-as-tokens, enough for this check
-        special_tokens = ("<|endoftext|>",)
+        special_tokens: ClassVar[dict[str, int]] = {"<|endoftext|>": 96}
         eot_token = 96
 
         def encode(self, s: str, **options) -> list[int]:

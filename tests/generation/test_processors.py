@@ -165,7 +165,10 @@ def test_draw_frequencies_follow_the_distribution() -> None:
         (dict(logit_bias={"x": 1}), "logit_bias keys must be token ids"),
         (dict(logit_bias={-1: 1}), "logit_bias keys must be token ids >= 0"),
         (dict(logit_bias=[1, 2]), "logit_bias must map token ids to numbers"),
-        (dict(stop=[""]), "stop strings must be non-empty"),
+        (dict(stop=[""]), "stop '' would stop before the first token"),
+        (dict(min_tokens=5, max_new_tokens=4), "min_tokens must be an integer in [0, max_new_tokens=4]"),
+        (dict(ignore_eos=1), "ignore_eos must be true or false"),
+        (dict(skip_special_tokens=None), "skip_special_tokens must be true or false"),
         (dict(stop=5), "stop must be a string or a list of strings"),
         (dict(n=0), "n must be an integer >= 1"),
         (dict(seed=1.5), "seed must be an integer or None"),
@@ -227,7 +230,7 @@ def test_text_stream_earliest_stop_wins() -> None:
 
 
 def test_bad_stop_strings() -> None:
-    with pytest.raises(ConfigError, match="stop strings"):
+    with pytest.raises(ConfigError, match="would stop before the first token"):
         TextStream(stop=[""])
 
 

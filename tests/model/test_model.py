@@ -10,7 +10,7 @@ import torch
 
 from conftest import hf_model, tiny_config, tiny_model
 from gpt2kit import GPT2, GPT2Config
-from gpt2kit.model.gpt2 import KVCache, sinusoidal_table
+from gpt2kit.model.gpt2 import sinusoidal_table
 
 # Small members of the GPT-2 family: vary every dimension, activation and epsilon.
 CONFIGS = [
@@ -88,40 +88,32 @@ def test_explicit_position_ids_match_the_default() -> None:
         )
 
 
-def test_kv_cache_prefill_in_chunks_equals_full_forward() -> None:
+def test_prefill_then_decode_steps_equal_the_full_forward() -> None:
+    # The KV-cache path generation and the eval scorer use: right-padded prompts prefilled
+    # together, then one token per row at each row's own position.
     model = tiny_model(seed=5)
-    ids, mask = padded_batch(97, 64, seed=5)
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (12, 7, 1, 9)]
+    prompts, more = [r[:-4] or r[:1] for r in rows], 4
+    L = max(len(r) for r in rows) + more
+    cfg = model.config
+    k = [torch.zeros(4, cfg.n_head, L, cfg.head_size) for _ in range(cfg.n_layer)]
+    v = [torch.zeros_like(t) for t in k]
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
     with torch.no_grad():
-        full = model(ids, attention_mask=mask).logits
-        cache = KVCache.allocate(model.config, ids.shape[0], ids.shape[1])
-        first = model(ids[:, :5], attention_mask=mask[:, :5], kv_cache=cache).logits
-        second = model(ids[:, 5:9], attention_mask=mask[:, :9], kv_cache=cache).logits
-        # One token at a time; the mask may cover only the new position (the cache keeps the rest).
-        rest = [
-            model(ids[:, t : t + 1], attention_mask=mask[:, t : t + 1], kv_cache=cache).logits
-            for t in range(9, ids.shape[1])
-        ]
-    got = torch.cat([first, second, *rest], dim=1)
-    real = mask.bool()
-    torch.testing.assert_close(got[real], full[real], atol=1e-5, rtol=0)
-    assert cache.pos == ids.shape[1]
-
-
-def test_kv_cache_decode_without_mask_after_padded_prefill() -> None:
-    # Generation's path: a masked prefill, then new tokens with no mask (they are all real).
-    model = tiny_model(seed=6)
-    ids, mask = padded_batch(97, 64, seed=6)
-    more = torch.randint(0, 97, (ids.shape[0], 5))
-    whole = torch.cat([ids, more], dim=1)
-    whole_mask = torch.cat([mask, torch.ones_like(more)], dim=1)
-    with torch.no_grad():
-        full = model(whole, attention_mask=whole_mask).logits
-        cache = KVCache.allocate(model.config, ids.shape[0], whole.shape[1])
-        outs = [model(ids, attention_mask=mask, kv_cache=cache).logits]
-        outs += [model(more[:, t : t + 1], kv_cache=cache).logits for t in range(more.shape[1])]
-    got = torch.cat(outs, dim=1)
-    real = whole_mask.bool()
-    torch.testing.assert_close(got[real], full[real], atol=1e-5, rtol=0)
+        h = model.prefill(ids, k, v)  # (4, T, C)
+        for i, p in enumerate(prompts):
+            alone = model(torch.tensor([p])).logits[0]
+            torch.testing.assert_close(model.logits(h[i, : len(p)]), alone, atol=1e-5, rtol=0)
+        for t in range(more):
+            pos = torch.tensor([len(p) + t for p in prompts])
+            fed = torch.tensor([[(rows[i] + [0] * more)[len(p) + t]] for i, p in enumerate(prompts)])
+            got = model.decode_step(fed, pos, k, v)  # (4, V)
+            for i, p in enumerate(prompts):
+                seq = (rows[i] + [0] * more)[: len(p) + t + 1]
+                want = model(torch.tensor([seq])).logits[0, -1]
+                torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
 
 
 def test_last_only_returns_the_last_position() -> None:
@@ -286,3 +278,21 @@ def test_builds_on_meta_then_materialises() -> None:
     model.reset_parameters()
     with torch.no_grad():
         assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long)).logits).all()
+
+
+def test_extend_equals_the_full_forward_at_each_rows_own_position() -> None:
+    # Several new tokens per row after its cached ones (the eval scorer's continuations).
+    model = tiny_model(seed=7)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 3, 6)]
+    more = torch.randint(0, 97, (3, 4), generator=g)
+    cfg, L = model.config, 9 + 4
+    k = [torch.zeros(3, cfg.n_head, L, cfg.head_size) for _ in range(cfg.n_layer)]
+    v = [torch.zeros_like(t) for t in k]
+    ids = torch.tensor([p + [0] * (9 - len(p)) for p in prompts])
+    with torch.no_grad():
+        model.prefill(ids, k, v)
+        h = model.extend(more, torch.tensor([len(p) for p in prompts]), k, v)  # (3, 4, C)
+        for i, p in enumerate(prompts):
+            want = model(torch.tensor([p + more[i].tolist()])).logits[0, len(p) :]
+            torch.testing.assert_close(model.logits(h[i]), want, atol=1e-5, rtol=0)

@@ -78,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=r"stop before this text (repeatable; never printed); escapes: \n is a newline, \t a tab, "
         r"\r a carriage return, \uXXXX a code point, \\ one backslash (so \\n is a literal backslash-n)",
     )
+    _add_end_flags(p)
     p.add_argument("--n", type=int, default=1, help="this many samples of the prompt, each under a header")
     p.add_argument(
         "--logprobs",
@@ -106,6 +107,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         "whatever else decodes beside it (--n samples decode together); slower (docs/generation.md)",
     )
     p.set_defaults(func=run)
+
+
+def _add_end_flags(p: argparse.ArgumentParser) -> None:
+    """How the text ends and what it shows: SamplingConfig's eos and text rules, vLLM's names."""
+    p.add_argument(
+        "--min-tokens",
+        type=int,
+        default=None,
+        help="neither the end-of-text token nor a stop string ends the text before this many tokens",
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        default=None,
+        help="keep generating after <|endoftext|> (it adds no text); always --max-new-tokens tokens",
+    )
+    p.add_argument(
+        "--include-stop-str-in-output",
+        action="store_true",
+        default=None,
+        help="print the stop string that ended the text",
+    )
+    p.add_argument(
+        "--skip-special-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--no-skip-special-tokens prints <|endoftext|> where the model writes it (default: skipped)",
+    )
+    p.add_argument(
+        "--spaces-between-special-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="vLLM's option, accepted: a byte-level BPE inserts no spaces either way",
+    )
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -150,17 +185,18 @@ def sampling_config(args: argparse.Namespace):
 
 
 def _logit_bias(items: list[str]) -> dict[int, float]:
-    from gpt2kit.generation.config import SamplingError
+    """The --logit-bias values' syntax (the ranges are SamplingConfig's)."""
+    from gpt2kit.errors import ConfigError
 
     bias = {}
     for item in items:
         token, sep, value = item.partition("=")
         try:
+            if not sep:
+                raise ValueError
             bias[int(token)] = float(value)
         except ValueError:
-            raise SamplingError("logit_bias", f"takes ID=BIAS, e.g. 50256=-100; got {item!r}") from None
-        if not sep:
-            raise SamplingError("logit_bias", f"takes ID=BIAS, e.g. 50256=-100; got {item!r}")
+            raise ConfigError(f"--logit-bias takes ID=BIAS, e.g. 50256=-100; got {item!r}") from None
     return bias
 
 
@@ -172,8 +208,6 @@ def check_args(args: argparse.Namespace):
 
     if args.stop:
         args.stop = [unescape(s) for s in args.stop]
-    if any(s == "" for s in args.stop or ()):
-        raise ConfigError("--stop '' would stop before the first token; give the text to stop before")
     config = sampling_config(args)
     if args.num_beams < 1:
         raise ConfigError(f"--num-beams must be >= 1 (1 = no beam search), got {args.num_beams}")
@@ -187,6 +221,9 @@ def _check_combinations(args: argparse.Namespace) -> None:
 
     beams = args.num_beams > 1
     rich = "--n" if args.n > 1 else "--logprobs" if args.logprobs is not None else None
+    if beams and (args.min_tokens or args.ignore_eos):
+        flag = "--min-tokens" if args.min_tokens else "--ignore-eos"
+        raise ConfigError(f"{flag} works with sampling and greedy search, not --num-beams; drop one")
     if beams and rich:
         raise ConfigError(f"{rich} works with sampling and greedy search, not --num-beams; drop one")
     if args.interactive and (beams or rich):
@@ -288,7 +325,7 @@ def _beam(args: argparse.Namespace, config, model, tokenizer) -> int:
     """Beam search: the best beam is known only at the end, so print it whole."""
     from gpt2kit.generation.generate import generate
     from gpt2kit.generation.prompts import eos_id, fit_prompt
-    from gpt2kit.generation.textstream import TextStream
+    from gpt2kit.generation.textstream import decode
 
     ids = encode_prompt(tokenizer, args.prompt, allow_special=args.allow_special)
     prompt = fit_prompt(model, ids, config.max_new_tokens, tokenizer=tokenizer)  # where the new tokens start
@@ -308,10 +345,6 @@ def _beam(args: argparse.Namespace, config, model, tokenizer) -> int:
     new = out[0][len(prompt) :]
     if eos in new:
         new = new[: new.index(eos)]
-    text = TextStream(stop=config.stop)
-    for t in new:
-        text.push(tokenizer.decode_bytes([t]))
-    text.finish()
-    sys.stdout.write(args.prompt + text.text + "\n")
+    sys.stdout.write(args.prompt + decode(tokenizer, new, config) + "\n")
     print(f"[{len(new)} tokens, {args.num_beams} beams, {dt:.2f}s]", file=sys.stderr)
     return 0

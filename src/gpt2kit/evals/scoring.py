@@ -1,10 +1,11 @@
 """Log-likelihood of continuations given contexts, batched: the core of lambada and multiple-choice.
 
 `score_choices` scores several continuations of one context each. The context runs once
-(a batch of left-padded contexts fills a KV cache), the cache is copied to one row per
-continuation, and the continuations run together on top of it. So a multiple-choice item
-with 4 options costs one context pass, not 4, and many items share each forward pass.
-Logits are computed only where a continuation token is predicted, never for the context.
+(a batch of contexts fills the engine's KV cache, `generation.engine.SlotCache`), the cache
+is copied to one slot per continuation, and the continuations run together on top of it
+in one pass (`GPT2.extend`), each at its own position. So a multiple-choice item with 4 options costs one context pass,
+not 4, and many items share each forward pass. Logits are computed only where a
+continuation token is predicted, never for the context.
 
 A sequence longer than the model's context keeps its last tokens, as lm-eval-harness
 does: the context is cut from the left so that context + continuation - 1 tokens fit.
@@ -23,8 +24,9 @@ import torch
 from torch import Tensor
 
 from gpt2kit.errors import DataError
-from gpt2kit.generation.prompts import eos_id, left_pad
-from gpt2kit.model.gpt2 import GPT2, KVCache
+from gpt2kit.generation.engine import SlotCache
+from gpt2kit.generation.prompts import eos_id
+from gpt2kit.model.gpt2 import GPT2
 
 # At most this many logits (rows x positions x vocab) exist at once: 2**25 floats, 128 MiB.
 LOGITS_BUDGET = 1 << 25
@@ -153,51 +155,40 @@ def score_choices(
 def _score_batch(
     model: GPT2, contexts: list[list[int]], conts: list[list[list[int]]]
 ) -> list[list[ContinuationScore]]:
-    """One context pass for `contexts` (left-padded), then every continuation on a copied cache."""
-    device = model.wte.weight.device
-    B = len(contexts)
-    Tc = max(len(c) for c in contexts)
-    To = max(len(c) for item in conts for c in item) - 1  # the last token is predicted, never fed
-    ctx_ids, pad_mask = left_pad(contexts, 0)  # pad_mask: None when no row is padded
-    ctx_ids = ctx_ids.to(device)
-    ctx_mask = torch.ones(B, Tc, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
-    ctx_mask = ctx_mask.to(device)
-    cache = KVCache.allocate(model.config, B, Tc + To, device=device, dtype=model.wte.weight.dtype)
-    first = model(
-        ctx_ids, attention_mask=None if pad_mask is None else ctx_mask, kv_cache=cache, last_only=True
-    )
-    first_logits = first.logits[:, -1].float()  # (B, V): predicts every continuation's first token
+    """One context pass for `contexts`, then every continuation on a copy of its context's cache.
 
-    # Rows: one per continuation, pointing at its context's cache row.
+    The engine's `SlotCache`: slots R.. hold the B contexts (prefilled together, right-padded;
+    attention is causal, so padding is never seen), slots 0..R-1 get a copy of their context's
+    slot, and all continuations run in one pass (`GPT2.extend`), each row at its own position.
+    """
+    B = len(contexts)
     row_item = [b for b, item in enumerate(conts) for _ in item]
     row_conts = [c for item in conts for c in item]
     R = len(row_conts)
+    To = max(len(c) for c in row_conts) - 1  # the last token is predicted, never fed
+    cache = SlotCache(model, slots=R + B, max_len=max(len(c) for c in contexts) + To)
+    _, first = cache.prefill(R, contexts)  # (B, V): predicts every continuation's first token
+    device = first.device
+    cache.reorder(torch.tensor([R + b for b in row_item], device=device))  # slot r: its context
+
     targets = torch.zeros(R, To + 1, dtype=torch.long)
     lengths = torch.tensor([len(c) for c in row_conts])
     for r, c in enumerate(row_conts):
         targets[r, : len(c)] = torch.tensor(c)
     logprobs = torch.zeros(R, To + 1)
     hits = torch.zeros(R, To + 1, dtype=torch.bool)
-    row_index = torch.tensor(row_item)
-    lp, hit = _pick(first_logits[row_index.to(device)], targets[:, 0].to(device))
+    lp, hit = _pick(first.float()[torch.tensor(row_item, device=device)], targets[:, 0].to(device))
     logprobs[:, 0], hits[:, 0] = lp.cpu(), hit.cpu()
-
     if To > 0:
-        V = model.config.vocab_size
-        chunk = max(1, LOGITS_BUDGET // (To * V))
+        # Rows with shorter continuations feed padding at the end; `valid` drops what it predicts.
+        starts = torch.tensor([len(contexts[b]) for b in row_item], device=device)
+        h = model.extend(
+            targets[:, :To].to(device), starts, [t[:R] for t in cache.k], [t[:R] for t in cache.v]
+        )
+        chunk = max(1, LOGITS_BUDGET // (To * model.config.vocab_size))
         for start in range(0, R, chunk):
             rows = slice(start, min(start + chunk, R))
-            idx = row_index[rows].to(device)
-            sub = KVCache(
-                k=[t.index_select(0, idx) for t in cache.k],
-                v=[t.index_select(0, idx) for t in cache.v],
-                pos=cache.pos,
-                mask=cache.mask.index_select(0, idx) if cache.mask is not None else None,
-            )
-            ids = targets[rows, :To].to(device)  # (r, To), right-padded with 0s
-            cont_mask = torch.arange(To)[None, :] < (lengths[rows, None] - 1)  # (r, To)
-            mask = torch.cat([ctx_mask[idx], cont_mask.to(device)], dim=1)  # (r, Tc + To)
-            logits = model(ids, attention_mask=mask, kv_cache=sub).logits.float()  # (r, To, V)
+            logits = model.logits(h[rows]).float()  # (r, To, V)
             lp, hit = _pick(logits, targets[rows, 1:].to(device))
             logprobs[rows, 1:], hits[rows, 1:] = lp.cpu(), hit.cpu()
 

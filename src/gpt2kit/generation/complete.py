@@ -25,7 +25,7 @@ from gpt2kit.generation.config import SamplingConfig
 from gpt2kit.generation.engine import Engine, FinishEvent, Row, TokenEvent
 from gpt2kit.generation.generate import start
 from gpt2kit.generation.prompts import eos_id, fit_prompt, token_ids
-from gpt2kit.generation.textstream import TextStream
+from gpt2kit.generation.textstream import RowText
 from gpt2kit.model.gpt2 import GPT2
 from gpt2kit.tokenizer.tokenizer import Tokenizer
 
@@ -152,55 +152,37 @@ def complete(
 
 
 class _Texts:
-    """Each row's text as its tokens come: stop strings, UTF-8, logprobs, finish reasons."""
+    """Each row's text as its events come (`RowText`: stop strings, UTF-8, the eos policy)."""
 
     def __init__(self, tokenizer: Tokenizer, rows: list[Row], config: SamplingConfig) -> None:
-        self.tokenizer = tokenizer
-        self.streams = [TextStream(stop=config.stop) for _ in rows]
-        self.pending: list[list[int]] = [[] for _ in rows]  # tokens not yet in a chunk
-        want = config.logprobs is not None
-        self.completions = [
+        self.config = config
+        self.rows = [RowText(tokenizer, config) for _ in rows]
+        self.sent = [0] * len(rows)  # tokens already in a chunk
+
+    @property
+    def completions(self) -> list[Completion]:
+        want, top = self.config.logprobs is not None, bool(self.config.logprobs)
+        return [
             Completion(
-                r // config.n,
-                "",
-                [],
-                "",
-                [] if want else None,
-                [] if want and config.logprobs else None,
+                r // self.config.n,
+                row.text,
+                row.token_ids,
+                row.finish_reason or "",
+                row.logprobs if want else None,  # type: ignore[arg-type]
+                [dict(t or []) for t in row.tops] if top else None,
             )
-            for r in range(len(rows))
+            for r, row in enumerate(self.rows)
         ]
 
     def chunks(self, engine: Engine) -> Iterator[CompletionChunk]:
         for event in engine.events():
+            if not isinstance(event, (TokenEvent, FinishEvent)):
+                continue
             r = event.row.tag
             assert isinstance(r, int)
-            c, text, pending = self.completions[r], self.streams[r], self.pending[r]
-            if isinstance(event, TokenEvent):
-                if c.finish_reason:  # a stop string ended it; the engine drops it next step
-                    continue
-                c.token_ids.append(event.token)
-                pending.append(event.token)
-                if c.token_logprobs is not None:
-                    c.token_logprobs.append(event.logprob)  # type: ignore[arg-type]
-                if c.top_logprobs is not None:
-                    c.top_logprobs.append(dict(event.top or []))
-                if event.token == engine.eos:
-                    continue  # its FinishEvent follows
-                piece = text.push(self.tokenizer.decode_bytes([event.token]))
-                if text.stopped:
-                    event.row.cancel()
-                    yield self._end(r, piece, "stop")
-                elif piece:
-                    yield CompletionChunk(r, piece, pending[:])
-                    pending.clear()
-            elif isinstance(event, FinishEvent) and not c.finish_reason:
-                yield self._end(r, text.finish(), "length" if event.reason == "length" else "stop")
-
-    def _end(self, r: int, piece: str, reason: str) -> CompletionChunk:
-        c = self.completions[r]
-        c.finish_reason = reason
-        c.text = self.streams[r].text
-        chunk = CompletionChunk(r, piece, self.pending[r][:], reason)
-        self.pending[r].clear()
-        return chunk
+            row = self.rows[r]
+            piece = row.take(event)
+            if piece is None or not (piece or row.done):
+                continue  # past the end, or a token that only started a character or a stop string
+            yield CompletionChunk(r, piece, row.token_ids[self.sent[r] :], row.finish_reason)
+            self.sent[r] = len(row.token_ids)

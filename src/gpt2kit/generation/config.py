@@ -62,9 +62,16 @@ class SamplingConfig:
       `presence_penalty` / `frequency_penalty` (OpenAI's, over the output, in [-2, 2]),
       `no_repeat_ngram_size` (never repeat an n-gram of the prompt or output),
       `logit_bias` ({token id: bias in [-100, 100]} added to the logits).
-    - `stop`: strings that end the text (never included in it).
+    - `stop`: strings that end the text (not included in it, unless
+      `include_stop_str_in_output`); an empty string is an error (it would match at once).
     - `n`: samples per prompt; `seed`: row r samples with `seed + r` (None: fresh randomness).
     - `logprobs`: report each token's log-probability and the k most likely (0..20).
+    - `min_tokens` (<= max_new_tokens): neither the eos (it is never drawn) nor a stop string
+      (the text of the first min_tokens tokens is not searched) ends a row before it has
+      this many tokens. `ignore_eos`: the eos is a token like any other and ends nothing.
+    - The text rules (`gpt2kit.generation.textstream`): `include_stop_str_in_output`,
+      `skip_special_tokens` (True: <|endoftext|> adds no text), `spaces_between_special_tokens`
+      (accepted; a byte-level BPE inserts no spaces either way). vLLM's names and defaults.
 
     The order logits go through is fixed: logit_bias, repetition penalty, presence and
     frequency penalties, no-repeat n-grams (these edit the model's scores; greedy takes the
@@ -88,6 +95,11 @@ class SamplingConfig:
     n: int = 1
     seed: int | None = None
     logprobs: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -131,6 +143,17 @@ class SamplingConfig:
             raise SamplingError("seed", f"must be an integer or None, got {self.seed!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise SamplingError("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise SamplingError(
+                "min_tokens",
+                f"must be an integer in [0, max_new_tokens={self.max_new_tokens}], got {self.min_tokens!r}",
+            )
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingError(name, f"must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.spaces_between_special_tokens, bool):
+            value = self.spaces_between_special_tokens
+            raise SamplingError("spaces_between_special_tokens", f"must be true or false, got {value!r}")
 
     # --- derived views --------------------------------------------------------------------
 
@@ -185,6 +208,14 @@ class SamplingConfig:
             raise ConfigError(f"config must be a SamplingConfig, got {type(base).__name__}")
         return base.replace(**options) if options else base
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """The one rule that needs the model: every `logit_bias` id is in [0, vocab_size)."""
+        bad = next((t for t in self.logit_bias if t >= vocab_size), None)
+        if bad is not None:
+            raise SamplingError(
+                "logit_bias", f"token id {bad} is outside the model's vocabulary [0, {vocab_size})"
+            )
+
     def row_seed(self, row: int) -> int | None:
         """The seed of row `row` of the request: `seed + row` (None: fresh randomness)."""
         return None if self.seed is None else self.seed + row
@@ -222,8 +253,10 @@ def check_stop(stop: object) -> tuple[str, ...]:
     if not isinstance(stop, Sequence):
         raise SamplingError("stop", f"must be a string or a list of strings, got {type(stop).__name__}")
     out = tuple(stop)
-    if any(not isinstance(s, str) or not s for s in out):
-        raise SamplingError("stop", f"strings must be non-empty strings, got {list(out)!r}")
+    if any(not isinstance(s, str) for s in out):
+        raise SamplingError("stop", f"must be a string or a list of strings, got {list(out)!r}")
+    if any(not s for s in out):
+        raise SamplingError("stop", "'' would stop before the first token; give the text to stop before")
     return out
 
 

@@ -321,20 +321,7 @@ class Engine:
         """Queue one row: `prompt` (token ids, not empty) sampled with `config` and `seed`
         (the row's own: a request's row r uses `config.row_seed(r)`). It joins at the next step."""
         prompt = list(prompt)
-        if not prompt:
-            raise ConfigError("a prompt needs at least one token; start an empty one from <|endoftext|>")
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ConfigError(f"token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
-        if len(prompt) > self.max_len:
-            raise ConfigError(
-                f"prompt has {len(prompt)} tokens; the cache holds {self.max_len}; shorten the prompt"
-            )
-        bad = next((t for t in config.logit_bias if t >= self.vocab_size), None)
-        if bad is not None:
-            raise ConfigError(
-                f"logit_bias token id {bad} is outside the model's vocabulary [0, {self.vocab_size})"
-            )
+        check_row(prompt, config, vocab_size=self.vocab_size, max_len=self.max_len)
         limit = min(config.max_new_tokens, self.max_len - len(prompt))
         row = Row(prompt, config, row_generator(seed, self.device), limit, tag, prompt_logprobs)
         self.waiting.append(row)
@@ -440,13 +427,14 @@ class Engine:
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(self.rows):
             groups.setdefault(row.config.scoring, []).append(i)
+        logits = self._without_early_eos(self.logits)
         if len(groups) == 1:
-            tokens = self._pick(range(n), self.logits, u)
+            tokens = self._pick(range(n), logits, u)
         else:
             tokens = torch.empty(n, dtype=torch.long, device=self.device)
             for members in groups.values():
                 index = torch.tensor(members, device=self.device)
-                tokens[index] = self._pick(members, self.logits[index], u[index])
+                tokens[index] = self._pick(members, logits[index], u[index])
         wanted = [i for i, r in enumerate(self.rows) if r.config.logprobs is not None]
         logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if wanted:
@@ -460,10 +448,20 @@ class Engine:
             row.tokens.append(token)
             lp, top = logprobs.get(i, (None, None))
             events.append(TokenEvent(row, token, lp, top))
-            if token == self.eos:
+            if token == self.eos and not row.config.ignore_eos:
                 self._finish(row, "stop", events)
             elif len(row.tokens) >= row.limit:
                 self._finish(row, "length", events)
+
+    def _without_early_eos(self, logits: Tensor) -> Tensor:
+        """`logits` with the eos masked in rows that have fewer than `min_tokens` tokens (a
+        copy: reported logprobs stay the model's own), so the eos is never drawn there."""
+        early = [i for i, r in enumerate(self.rows) if len(r.tokens) < r.config.min_tokens]
+        if not early or self.eos < 0:
+            return logits
+        logits = logits.clone()
+        logits[torch.tensor(early, device=self.device), self.eos] = float("-inf")
+        return logits
 
     def _pick(self, members: Sequence[int], logits: Tensor, u: Tensor) -> Tensor:
         rows = [self.rows[i] for i in members]
@@ -528,6 +526,21 @@ class Engine:
         """Feed each running row its last token at its own position; keep the logits."""
         positions = [len(r.prompt) + len(r.tokens) - 1 for r in self.rows]
         self.logits = self.cache.decode([r.tokens[-1] for r in self.rows], positions)
+
+
+def check_row(prompt: Sequence[int], config: SamplingConfig, *, vocab_size: int, max_len: int) -> None:
+    """The rules a row must meet on a model (ConfigError; a SamplingError names the field):
+    `Engine.add` applies them, and the server before it submits (to answer 400, not fail a step)."""
+    if not prompt:
+        raise ConfigError("a prompt needs at least one token; start an empty one from <|endoftext|>")
+    bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ConfigError(
+            f"token id {bad} is outside the model's vocabulary [0, {vocab_size}) (in the prompt)"
+        )
+    if len(prompt) > max_len:
+        raise ConfigError(f"prompt has {len(prompt)} tokens; the cache holds {max_len}; shorten the prompt")
+    config.check_vocab(vocab_size)
 
 
 def deterministic_step(

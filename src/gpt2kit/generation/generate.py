@@ -87,6 +87,8 @@ def generate(
     if num_beams != 1:
         if config.n > 1:
             raise ConfigError("n > 1 samples with beam search is not supported; use one or the other")
+        if config.min_tokens or config.ignore_eos:
+            raise ConfigError("min_tokens and ignore_eos work with sampling and greedy search, not beams")
         beams = {"num_beams": num_beams, "length_penalty": length_penalty, "early_stopping": early_stopping}
         new = _beam_tokens(
             model, prompts, config, eos=eos, compile=compile, deterministic=deterministic, **beams

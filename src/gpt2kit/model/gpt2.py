@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -36,50 +35,6 @@ class CausalLMOutput(NamedTuple):
     loss: Tensor | None = None
 
 
-@dataclass
-class KVCache:
-    """Keys and values of every layer, allocated once and written in place (gpt-fast style).
-
-    `k[i]`, `v[i]`: (B, nh, max_len, hs) for layer i; `pos` counts the filled positions.
-    `mask` (B, max_len) marks real tokens (True) among them, or is None when no row is padded.
-    """
-
-    k: list[Tensor]
-    v: list[Tensor]
-    pos: int = 0
-    mask: Tensor | None = None
-
-    @classmethod
-    def allocate(
-        cls,
-        config: GPT2Config,
-        batch_size: int,
-        max_len: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> KVCache:
-        shape = (batch_size, config.n_head, max_len, config.head_size)
-        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        return cls(k, v)
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
-
-    def select_rows(self, index: Tensor) -> None:
-        """Keep batch rows `index`, in that order (beam search, dropping finished rows)."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
-        if self.mask is not None:
-            self.mask = self.mask.index_select(0, index)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -96,45 +51,55 @@ class CausalSelfAttention(nn.Module):
         attn_mask: Tensor | None,
         is_causal: bool,
         cache: tuple[Tensor, Tensor] | None = None,
-        start: int | Tensor = 0,
+        input_pos: Tensor | None = None,
     ) -> Tensor:
-        """`start`: where the new positions go in `cache`, the same for every row (an int), or
-        one position per row (B,) for one new token per row (`decode_step`). There every shape
-        is static: the whole cache is attended to and `attn_mask` (True = may attend) hides
-        the positions a row has not written. Attention is written out there, so that inductor
-        fuses it into its own loops: for one query the CPU flash kernel's fixed cost per call
-        was ~12% of a gpt2 step."""
+        """Self-attention of `x` (B, T, C), or with `cache`, this layer's keys and values
+        (B, nh, L, hs) written in place (`_write`): positions 0..T-1 of every row (prefill), or
+        with `input_pos` (B,) one new token per row at its own position (decode)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
-            k_cache, v_cache = cache
-            if isinstance(start, Tensor):
-                rows = torch.arange(B, device=x.device)
-                k_cache[rows, :, start] = k[:, :, 0]  # row b's key at its own position start[b]
-                v_cache[rows, :, start] = v[:, :, 0]
-                if torch.compiler.is_compiling():
-                    att = (q @ k_cache.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_size))  # (B, nh, 1, L)
-                    att = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
-                    y = att @ v_cache  # (B, nh, 1, hs)
-                else:  # eager: one fused kernel beats three small ones (and their thread syncs)
-                    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=attn_mask)
-                return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
-            k_cache[:, :, start : start + T] = k
-            v_cache[:, :, start : start + T] = v
-            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, nh, L, hs)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_pdrop if self.training else 0.0,
-            is_causal=is_causal,
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+            k, v = _write(cache, k, v, input_pos)  # (B, nh, L, hs)
+        if input_pos is not None and torch.compiler.is_compiling():
+            # Written out, so that inductor fuses it into its own loops: for one query the CPU
+            # flash kernel's fixed cost per call was ~12% of a gpt2 step. Eager, the one fused
+            # kernel below beats these three small ones (and their thread syncs).
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_size))  # (B, nh, 1, L)
+            y = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1) @ v  # (B, nh, 1, hs)
+        else:
+            dropout = self.attn_pdrop if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout, is_causal)  # (B, nh, T, hs)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+def _write(
+    cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor, input_pos: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Write the new keys and values (B, nh, T, hs) into `cache`; return what to attend to.
+
+    Prefill (`input_pos` None): positions 0..T-1 of every row, attended to causally. Decode
+    and extend (`input_pos` (B,)): row b's at input_pos[b].. input_pos[b] + T - 1; every
+    shape stays static (the whole cache is returned, and the caller's mask hides what a row
+    has not written)."""
+    k_cache, v_cache = cache
+    if input_pos is None:
+        T = k.shape[2]
+        k_cache[:, :, :T] = k
+        v_cache[:, :, :T] = v
+        return k_cache[:, :, :T], v_cache[:, :, :T]
+    rows = torch.arange(k.shape[0], device=k.device)
+    T = k.shape[2]
+    if T == 1:  # decode: the form the compiled step is built from
+        k_cache[rows, :, input_pos] = k[:, :, 0]  # row b's key at its own position input_pos[b]
+        v_cache[rows, :, input_pos] = v[:, :, 0]
+        return k_cache, v_cache
+    pos = input_pos[:, None] + torch.arange(T, device=k.device)  # (B, T): `extend`
+    k_cache[rows[:, None], :, pos] = k.transpose(1, 2)  # (B, T, nh, hs)
+    v_cache[rows[:, None], :, pos] = v.transpose(1, 2)
+    return k_cache, v_cache
 
 
 class MLP(nn.Module):
@@ -165,9 +130,9 @@ class Block(nn.Module):
         attn_mask: Tensor | None,
         is_causal: bool,
         cache: tuple[Tensor, Tensor] | None = None,
-        start: int | Tensor = 0,
+        input_pos: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, start)
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, input_pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -312,38 +277,25 @@ class GPT2(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         *,
-        kv_cache: KVCache | None = None,
         last_only: bool = False,
     ) -> CausalLMOutput:
         """Logits for `idx` (B, T) and, with `targets` (B, T), the mean cross-entropy loss.
 
-        `attention_mask` (B, T), 1 for real tokens and 0 for padding (with a cache: (B, L),
-        covering cached and new positions); position ids then count real tokens only, so a
-        left-padded row gives the same logits as the row alone. Targets equal to -100 are
-        ignored. `last_only` computes logits for the last position only (generation).
+        `attention_mask` (B, T), 1 for real tokens and 0 for padding; position ids then count
+        real tokens only, so a left-padded row gives the same logits as the row alone. Targets
+        equal to -100 are ignored. `last_only` computes logits for the last position only.
+        (Generation runs on a KV cache through `prefill` and `decode_step`.)
         """
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.n_positions:
-            raise ValueError(
-                f"sequence of {start + T} positions exceeds the context of {self.config.n_positions}"
-            )
-        if kv_cache is not None and start + T > kv_cache.max_len:
-            raise ValueError(f"KV cache holds {kv_cache.max_len} positions, {start + T} needed")
-
-        key_mask = _key_mask(attention_mask, kv_cache, B, start, T, idx.device)
+        if idx.shape[1] > self.config.n_positions:
+            raise ValueError(f"sequence of {T} positions exceeds the context of {self.config.n_positions}")
+        key_mask = None if attention_mask is None else attention_mask.to(device=idx.device, dtype=torch.bool)
+        if key_mask is not None and key_mask.shape != (B, T):
+            raise ValueError(f"attention_mask has shape {tuple(key_mask.shape)}, expected {(B, T)}")
         if position_ids is None:
-            position_ids = _position_ids(key_mask, start, T, idx.device)
-        attn_mask, is_causal = _attention_mask(key_mask, start, T, idx.device)
-
-        caches = list(zip(kv_cache.k, kv_cache.v, strict=True)) if kv_cache is not None else None
-        x = self.hidden_states(idx, position_ids, attn_mask, is_causal, caches, start)
-        if kv_cache is not None:
-            kv_cache.pos = start + T
-            if key_mask is not None:
-                if kv_cache.mask is None:
-                    kv_cache.mask = torch.ones(B, kv_cache.max_len, dtype=torch.bool, device=idx.device)
-                kv_cache.mask[:, : start + T] = key_mask
+            position_ids = _position_ids(key_mask, T, idx.device)
+        attn_mask, is_causal = _attention_mask(key_mask, T, idx.device)
+        x = self.hidden_states(idx, position_ids, attn_mask, is_causal)
         if last_only:
             x = x[:, -1:, :]
         logits = self.logits(x)  # (B, T, V)
@@ -359,13 +311,13 @@ class GPT2(nn.Module):
         attn_mask: Tensor | None,
         is_causal: bool,
         caches: list[tuple[Tensor, Tensor]] | None = None,
-        start: int | Tensor = 0,
+        input_pos: Tensor | None = None,
     ) -> Tensor:
         """ln_f(blocks(wte + wpe)) for (B, T) ids: (B, T, C). Masks as `_attention_mask` makes
-        them; `caches[i]` is layer i's (k, v) written at `start` (see CausalSelfAttention)."""
+        them; `caches[i]` is layer i's (k, v), written as CausalSelfAttention says."""
         x = self.drop(self.wte(idx) + self._positions(position_ids))  # (B, T, C)
         for i, block in enumerate(self.h):
-            x = block(x, attn_mask, is_causal, caches[i] if caches is not None else None, start)
+            x = block(x, attn_mask, is_causal, caches[i] if caches is not None else None, input_pos)
         return self.ln_f(x)
 
     def prefill(self, idx: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]) -> Tensor:
@@ -379,7 +331,7 @@ class GPT2(nn.Module):
         T = idx.shape[1]
         positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
         caches = list(zip(k_cache, v_cache, strict=True))
-        return self.hidden_states(idx, positions, None, True, caches, 0)
+        return self.hidden_states(idx, positions, None, True, caches)
 
     def decode_step(
         self, idx: Tensor, input_pos: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]
@@ -398,6 +350,19 @@ class GPT2(nn.Module):
         caches = list(zip(k_cache, v_cache, strict=True))
         x = self.hidden_states(idx, input_pos[:, None], attn_mask, False, caches, input_pos)
         return self.logits(x[:, -1])  # (B, V)
+
+    def extend(self, idx: Tensor, input_pos: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]) -> Tensor:
+        """Hidden states (B, T, C) of T new tokens per row after the row's cached ones: row b's
+        at positions input_pos[b]..input_pos[b] + T - 1, written into the cache there.
+
+        `decode_step` for several tokens at once (the eval scorer's continuations); row b
+        attends to its positions up to each token's own."""
+        T, L = idx.shape[1], k_cache[0].shape[2]
+        positions = input_pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+        keys = torch.arange(L, device=idx.device)
+        attn_mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, L)
+        caches = list(zip(k_cache, v_cache, strict=True))
+        return self.hidden_states(idx, positions, attn_mask, False, caches, input_pos)
 
     def logits(self, x: Tensor) -> Tensor:
         """The tied output projection; rows past vocab_size (padding) are never scored.
@@ -446,49 +411,20 @@ def use_decode_layout(model: nn.Module) -> None:
 # --- masks: the padding mask and the causal mask -----------------------------------------
 
 
-def _key_mask(
-    attention_mask: Tensor | None, kv_cache: KVCache | None, B: int, start: int, T: int, device: torch.device
-) -> Tensor | None:
-    """(B, start + T) bool: which positions are real tokens; None when all are."""
-    cached = kv_cache.mask if kv_cache is not None else None
-    if attention_mask is None:
-        if cached is None:
-            return None
-        return torch.cat([cached[:, :start], torch.ones(B, T, dtype=torch.bool, device=device)], dim=1)
-    mask = attention_mask.to(device=device, dtype=torch.bool)
-    if mask.shape == (B, start + T):
-        return mask
-    if mask.shape == (B, T) and cached is not None:
-        return torch.cat([cached[:, :start], mask], dim=1)
-    if mask.shape == (B, T) and start == 0:
-        return mask
-    raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, start + T)}")
-
-
-def _position_ids(key_mask: Tensor | None, start: int, T: int, device: torch.device) -> Tensor:
+def _position_ids(key_mask: Tensor | None, T: int, device: torch.device) -> Tensor:
     if key_mask is None:
-        return torch.arange(start, start + T, device=device).unsqueeze(0)  # (1, T)
+        return torch.arange(T, device=device).unsqueeze(0)  # (1, T)
     # Count real tokens only, so a left-padded row sees positions 0, 1, 2, ... as alone.
-    pos = key_mask.long().cumsum(dim=1) - 1
-    return pos[:, start:].clamp(min=0)  # (B, T)
+    return (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
 
 
-def _attention_mask(
-    key_mask: Tensor | None, start: int, T: int, device: torch.device
-) -> tuple[Tensor | None, bool]:
+def _attention_mask(key_mask: Tensor | None, T: int, device: torch.device) -> tuple[Tensor | None, bool]:
     """(mask for scaled_dot_product_attention, is_causal); True in the mask = may attend."""
-    L = start + T
     if key_mask is None:
-        if start == 0:
-            return None, True  # plain causal: flash/efficient kernels apply
-        if T == 1:
-            return None, False  # one new token sees every cached position
-        causal = torch.ones(T, L, dtype=torch.bool, device=device).tril(diagonal=start)  # (T, L)
-        return causal, False
-    causal = torch.ones(T, L, dtype=torch.bool, device=device).tril(diagonal=start)  # (T, L)
-    mask = causal.unsqueeze(0) & key_mask[:, None, :]  # (B, T, L)
+        return None, True  # plain causal: flash/efficient kernels apply
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+    mask = causal.unsqueeze(0) & key_mask[:, None, :]  # (B, T, T)
     # A padding query would otherwise see nothing and give NaN; let it see itself (its
     # output is never used, since real tokens never attend to it).
-    eye = torch.zeros(T, L, dtype=torch.bool, device=device)
-    eye[torch.arange(T), torch.arange(start, L)] = True
-    return (mask | eye).unsqueeze(1), False  # (B, 1, T, L)
+    eye = torch.eye(T, dtype=torch.bool, device=device)
+    return (mask | eye).unsqueeze(1), False  # (B, 1, T, T)

@@ -369,6 +369,8 @@ def _validation_error(errors: list[dict]) -> APIError:
     msg = e.get("msg", "invalid value")
     if len(errors) > 1 and field == "prompt":
         msg = "must be a string, a list of strings, a list of token ids or a list of token-id lists"
+    if len(errors) > 1 and field == "stop":  # the union's first error would be "not a string"
+        msg = "must be a string or a list of at most 4 strings"
     return APIError(400, f"{field}: {msg}", param=field)
 
 

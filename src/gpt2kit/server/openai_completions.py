@@ -2,24 +2,25 @@
 
 Checks the request against the model and the server's limits, submits it to the worker
 (n rows per prompt; row r = i * n + j samples with seed + r, as `complete` does), turns
-each row's tokens into text with `TextStream` (never splitting a UTF-8 character, holding
-back text that may be the start of a stop string) and builds either one CompletionResponse
-or a stream of SSE chunks.
+each row's events into text with `RowText` (`gpt2kit.generation.textstream`, the one
+detokenizer: never splitting a UTF-8 character, holding back text that may be the start
+of a stop string, the end-of-text policy) and builds either one CompletionResponse or a
+stream of SSE chunks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from gpt2kit.errors import TokenizerError
-from gpt2kit.generation.engine import FinishEvent, PromptEvent, TokenEvent
-from gpt2kit.generation.textstream import TextStream
+from gpt2kit.errors import ConfigError, TokenizerError
+from gpt2kit.generation.config import SamplingConfig, SamplingError
+from gpt2kit.generation.engine import FinishEvent, PromptEvent, check_row
+from gpt2kit.generation.textstream import RowText, decode_with_offsets
 from gpt2kit.server.protocol import (
     APIError,
     CompletionChoice,
@@ -27,11 +28,10 @@ from gpt2kit.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     Usage,
+    wire_error,
 )
 from gpt2kit.server.worker import Failed, Worker, WorkerBusy
 from gpt2kit.tokenizer.tokenizer import Tokenizer
-
-MAX_STOP = 4  # OpenAI's limit on stop strings
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,17 @@ class Context:
     limits: Limits
 
 
-def request_prompts(req: CompletionRequest, ctx: Context) -> list[list[int]]:
-    """Check every field against the model and limits; return the prompts as token ids."""
+@dataclass(frozen=True)
+class Checked:
+    """A request that passed every check: its prompts as token ids and its SamplingConfig."""
+
+    prompts: list[list[int]]
+    config: SamplingConfig
+
+
+def check_request(req: CompletionRequest, ctx: Context) -> Checked:
+    """Check the request against the model and the server's limits (the sampling rules are
+    SamplingConfig's, reached once through `to_sampling_config`); APIError names the field."""
     if req.model != ctx.model_name:
         raise APIError(
             404,
@@ -69,25 +78,17 @@ def request_prompts(req: CompletionRequest, ctx: Context) -> list[list[int]]:
         raise APIError(400, "best_of must equal n (no server-side ranking); omit it", param="best_of")
     if req.n > ctx.limits.max_n:
         raise APIError(400, f"n is {req.n}; this server allows at most {ctx.limits.max_n}", param="n")
-    if isinstance(req.stop, list) and len(req.stop) > MAX_STOP:
-        raise APIError(400, f"stop has {len(req.stop)} strings; send at most {MAX_STOP}", param="stop")
-    n_ctx = ctx.worker.n_ctx
     config = req.to_sampling_config()
-    vocab = ctx.worker.model.config.vocab_size
-    bad = next((t for t in config.logit_bias if t >= vocab), None)
-    if bad is not None:
-        raise APIError(
-            400, f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})", param="logit_bias"
-        )
-    max_tokens = config.max_new_tokens
     cap = ctx.limits.max_tokens
-    if cap is not None and max_tokens > cap:
+    if cap is not None and config.max_new_tokens > cap:
         raise APIError(
-            400, f"max_tokens is {max_tokens}; this server allows at most {cap}", param="max_tokens"
+            400,
+            f"max_tokens is {config.max_new_tokens}; this server allows at most {cap}",
+            param="max_tokens",
         )
-    prompts = _prompt_ids(req, ctx)
+    n_ctx = ctx.worker.n_ctx
     out = []
-    for ids in prompts:
+    for ids in _prompt_ids(req, ctx):
         if req.truncate_prompt_tokens is not None:
             ids = ids[-req.truncate_prompt_tokens :]
         if len(ids) > n_ctx:
@@ -98,16 +99,23 @@ def request_prompts(req: CompletionRequest, ctx: Context) -> list[list[int]]:
                 param="prompt",
                 code="context_length_exceeded",
             )
-        if len(ids) + max_tokens > n_ctx:
+        if len(ids) + config.max_new_tokens > n_ctx:
             raise APIError(
                 400,
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of {n_ctx}; "
-                "lower max_tokens, shorten the prompt or set truncate_prompt_tokens",
+                f"prompt ({len(ids)} tokens) + max_tokens ({config.max_new_tokens}) exceeds the context of "
+                f"{n_ctx}; lower max_tokens, shorten the prompt or set truncate_prompt_tokens",
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        # The engine's own rules (the vocabulary), here so that a bad row is a 400, not a failed step.
+        try:
+            check_row(ids, config, vocab_size=ctx.worker.model.config.vocab_size, max_len=n_ctx)
+        except SamplingError as e:
+            raise wire_error(e) from None
+        except ConfigError as e:
+            raise APIError(400, str(e), param="prompt") from None
         out.append(ids)
-    return out
+    return Checked(out, config)
 
 
 def _prompt_ids(req: CompletionRequest, ctx: Context) -> list[list[int]]:
@@ -127,13 +135,6 @@ def _prompt_ids(req: CompletionRequest, ctx: Context) -> list[list[int]]:
         raise APIError(
             400, f"{len(prompts)} prompts; send at most {ctx.limits.max_prompts} per request", param="prompt"
         )
-    vocab = ctx.worker.model.config.vocab_size
-    for ids in prompts:
-        bad = next((i for i in ids if not 0 <= i < vocab), None)
-        if bad is not None:
-            raise APIError(
-                400, f"token id {bad} in prompt is outside the vocabulary [0, {vocab})", param="prompt"
-            )
     # An empty prompt starts from <|endoftext|>, as OpenAI's default prompt does.
     return [ids if ids else [ctx.worker.eos] for ids in prompts]
 
@@ -147,114 +148,99 @@ def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 class ChoiceText:
-    """One choice's text and logprobs, built token by token with `TextStream` (stop strings, UTF-8)."""
+    """One choice: its row's text (`RowText`: the one detokenizer), the echoed prompt, and
+    both in OpenAI's shape (logprobs with token strings and text offsets)."""
 
-    def __init__(self, tokenizer: Tokenizer, *, index: int, stops: Sequence[str], logprobs: bool) -> None:
+    def __init__(self, tokenizer: Tokenizer, config: SamplingConfig, *, index: int, logprobs: bool) -> None:
         self.tokenizer = tokenizer
         self.index = index
         self.want_logprobs = logprobs
+        self.row = RowText(tokenizer, config)
         self.prefix = ""  # the echoed prompt
-        self.stream = TextStream(stop=stops)
+        self.prompt_logprobs = CompletionLogprobs()
         self.sent = 0  # characters of prefix + text already streamed
-        self.finish_reason: str | None = None
+        self.sent_tokens = 0  # tokens whose logprobs were streamed
+        self.sent_prompt = False
         self.finish_sent = False  # streaming: the chunk with finish_reason went out
-        self.logprobs = CompletionLogprobs()
-        self._pending = CompletionLogprobs()  # logprobs not yet streamed
 
     @property
     def completion_tokens(self) -> int:
-        """Tokens the text came from: up to the one that completed a stop string (eos not counted)."""
-        return self.stream.tokens
+        """Tokens the text came from: up to the one that completed a stop string, or the eos."""
+        return len(self.row.token_ids)
 
-    def echo(self, ids: list[int], prompt: PromptEvent | None) -> None:
-        """Put the prompt in front of the text (echo), with its logprobs when asked."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for i, t in enumerate(ids):
-            offset = len(self.prefix)
-            self.prefix += decoder.decode(self.tokenizer.decode_bytes([t]))
-            if self.want_logprobs and prompt is not None:
-                self._add_logprob(t, prompt.logprobs[i], prompt.top[i], offset)
-        self.prefix += decoder.decode(b"", final=True)
-
-    def add(self, event: TokenEvent) -> None:
-        offset = len(self.prefix) + self.stream.decoded
-        self.stream.push(self.tokenizer.decode_bytes([event.token]))
-        if self.want_logprobs:
-            top = event.top
-            if top is not None and all(i != event.token for i, _ in top):
-                top = [*top, (event.token, event.logprob)]  # OpenAI lists the chosen token too
-            self._add_logprob(event.token, event.logprob, top, offset)
-        if self.stream.stopped:
-            self.finish_reason = "stop"
-
-    def finish(self, reason: str) -> None:
-        if self.finish_reason is not None:  # already ended by a stop string
-            return
-        self.stream.finish()
-        self.finish_reason = reason
+    @property
+    def finish_reason(self) -> str | None:
+        return self.row.finish_reason
 
     @property
     def done(self) -> bool:
-        return self.finish_reason is not None
+        return self.row.done
 
-    def _add_logprob(self, token: int, logprob: float | None, top, offset: int) -> None:
-        name = self.tokenizer.decode_tokens([token])[0]
-        top_dict = None if top is None else {self.tokenizer.decode_tokens([i])[0]: v for i, v in top}
-        for lp in (self.logprobs, self._pending):
-            lp.tokens.append(name)
-            lp.token_logprobs.append(logprob)
-            lp.top_logprobs.append(top_dict)
-            lp.text_offset.append(offset)
+    def echo(self, ids: list[int], prompt: PromptEvent | None) -> None:
+        """Put the prompt in front of the text (echo), with its logprobs when asked."""
+        self.prefix, offsets = decode_with_offsets(self.tokenizer, ids)
+        if self.want_logprobs and prompt is not None:
+            for i, t in enumerate(ids):
+                self._append(self.prompt_logprobs, t, prompt.logprobs[i], prompt.top[i], offsets[i])
 
     def full_text(self) -> str:
-        return self.prefix + self.stream.text
+        return self.prefix + self.row.text
 
     def take_new(self) -> tuple[str, CompletionLogprobs | None]:
-        """Text and logprobs not yet streamed (the stream holds back a possible stop string)."""
+        """Text and logprobs not yet streamed (the text holds back a possible stop string)."""
         full = self.full_text()
         piece = full[self.sent :]
         self.sent = len(full)
         lp = None
         if self.want_logprobs:
-            lp, self._pending = self._pending, CompletionLogprobs()
+            lp = self._logprobs(self.sent_tokens, with_prompt=not self.sent_prompt)
+            self.sent_tokens, self.sent_prompt = len(self.row.token_ids), True
         return piece, lp
 
     def choice(self) -> CompletionChoice:
         return CompletionChoice(
             text=self.full_text(),
             index=self.index,
-            logprobs=self._final_logprobs() if self.want_logprobs else None,
+            logprobs=self._logprobs(0, with_prompt=True) if self.want_logprobs else None,
             finish_reason=self.finish_reason,  # type: ignore[arg-type]
         )
 
-    def _final_logprobs(self) -> CompletionLogprobs:
-        # Tokens that start past a stop string were generated but are not part of the text.
-        end = len(self.full_text())
-        keep = [i for i, off in enumerate(self.logprobs.text_offset) if off < end or i == 0]
-        lp = self.logprobs
-        return CompletionLogprobs(
-            tokens=[lp.tokens[i] for i in keep],
-            token_logprobs=[lp.token_logprobs[i] for i in keep],
-            top_logprobs=[lp.top_logprobs[i] for i in keep],
-            text_offset=[lp.text_offset[i] for i in keep],
+    def _logprobs(self, first: int, *, with_prompt: bool) -> CompletionLogprobs:
+        """The logprobs of the prompt (echo) and of tokens `first`... of the text."""
+        out = self.prompt_logprobs.model_copy(deep=True) if with_prompt else CompletionLogprobs()
+        row, shift = self.row, len(self.prefix)
+        for t in range(first, len(row.token_ids)):
+            token, logprob, top = row.token_ids[t], row.logprobs[t], row.tops[t]
+            if top is not None and all(i != token for i, _ in top):
+                top = [*top, (token, logprob)]  # OpenAI lists the chosen token too
+            self._append(out, token, logprob, top, shift + row.offsets[t])
+        return out
+
+    def _append(self, lp: CompletionLogprobs, token: int, logprob: float | None, top, offset: int) -> None:
+        name = self.tokenizer.decode_tokens([token])[0]
+        lp.tokens.append(name)
+        lp.token_logprobs.append(logprob)
+        lp.top_logprobs.append(
+            None if top is None else {self.tokenizer.decode_tokens([i])[0]: v for i, v in top}
         )
+        lp.text_offset.append(offset)
 
 
 class CompletionRun:
     """One request's choices, filled from the worker's events; choice r is prompt r // n's sample r % n."""
 
-    def __init__(self, req: CompletionRequest, ctx: Context, prompts: list[list[int]]) -> None:
+    def __init__(self, req: CompletionRequest, ctx: Context, checked: Checked) -> None:
         self.req = req
         self.ctx = ctx
-        self.prompts = prompts
+        self.prompts = prompts = checked.prompts
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.deadline = time.monotonic() + ctx.limits.request_timeout
-        self.config = req.to_sampling_config()
+        self.config = checked.config
         self.prompt_logprobs = req.echo and req.logprobs is not None
         count = len(prompts) * req.n
         self.choices = [
-            ChoiceText(ctx.tokenizer, index=r, stops=self.config.stop, logprobs=req.logprobs is not None)
+            ChoiceText(ctx.tokenizer, self.config, index=r, logprobs=req.logprobs is not None)
             for r in range(count)
         ]
         # Every event of the request arrives here, on this event loop.
@@ -299,14 +285,11 @@ class CompletionRun:
             choice = self.choices[r]
             if isinstance(event, PromptEvent):
                 self._echo(r, event)
-            elif isinstance(event, TokenEvent):
-                if not choice.done and event.token != self.ctx.worker.eos:
-                    choice.add(event)
-                    if choice.done:  # a stop string: no need to compute further tokens
-                        self.request.cancel(event.row)
-            elif isinstance(event, FinishEvent):
-                open_rows -= 1
-                choice.finish("length" if event.reason == "length" else "stop")
+            else:
+                if isinstance(event, FinishEvent):
+                    open_rows -= 1
+                # A stop string's cancel goes to the engine thread as a message (Worker).
+                choice.row.take(event, cancel=self.request.cancel)
             yield r
 
     def _echo(self, r: int, event: PromptEvent | None) -> None:
@@ -329,7 +312,7 @@ async def run_completion(
     req: CompletionRequest, ctx: Context, disconnected: Callable[[], Awaitable[bool]]
 ) -> CompletionResponse:
     """Run a non-streamed completion; stop generating if the client goes away."""
-    completion = CompletionRun(req, ctx, request_prompts(req, ctx))
+    completion = CompletionRun(req, ctx, check_request(req, ctx))
 
     async def watch() -> None:
         while not await disconnected():
@@ -348,7 +331,7 @@ async def run_completion(
 
 def start_stream(req: CompletionRequest, ctx: Context) -> AsyncIterator[str]:
     """Check and submit the request now (so errors are plain 4xx), then stream its SSE chunks."""
-    completion = CompletionRun(req, ctx, request_prompts(req, ctx))
+    completion = CompletionRun(req, ctx, check_request(req, ctx))
     return _sse(completion)
 
 

@@ -1,11 +1,14 @@
 """The wire format: pydantic models per endpoint, fields in the order of OpenAI's docs.
 
-Bounds that never change live in the schemas (`Field(ge=, le=)`), so the OpenAPI
-document states them; limits that depend on the model or the server's settings (the
-context, `--max-n`, ...) are checked in completions.py. Unknown fields are rejected
-(400 naming the field); every documented OpenAI field is accepted (suffix and best_of != n,
-which GPT-2 can't honour, are a 400 when set), and vLLM's extra sampling fields top_k, min_p
-and repetition_penalty too. `to_sampling_config()` is the one step from wire to engine.
+The schemas hold the types and the documented ranges (`Field(ge=, le=)`, at most 4 stop
+strings), so the OpenAPI document states them. Every other sampling rule is
+`SamplingConfig`'s: `to_sampling_config()`, the one step from wire to engine, builds it and
+`wire_error` turns its field errors into a 400 under the wire name. Limits that depend on
+the model or the server's settings (the context, `--max-n`, ...) are checked in
+openai_completions.py. Unknown fields are rejected (400 naming the field); every documented
+OpenAI field is accepted (suffix and best_of != n, which GPT-2 can't honour, are a 400 when
+set), and so are vLLM's extra sampling fields: top_k, min_p, repetition_penalty, min_tokens,
+ignore_eos, include_stop_str_in_output, skip_special_tokens, spaces_between_special_tokens.
 
 >>> CompletionRequest(model="gpt2", prompt="Hello", max_tokens=5).to_sampling_config().max_new_tokens
 5
@@ -13,7 +16,7 @@ and repetition_penalty too. `to_sampling_config()` is the one step from wire to 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -63,8 +66,9 @@ class CompletionRequest(BaseModel):
     seed: StrictInt | None = Field(
         default=None, ge=-(2**63), le=2**64 - 1, description="Choice i samples with seed + i: reproducible."
     )
-    stop: StrictStr | list[StrictStr] | None = Field(
-        default=None, description="Up to 4 strings; generation stops before the first one produced."
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = Field(
+        default=None,
+        description="Up to 4 non-empty strings; generation stops before the first one produced.",
     )
     stream: StrictBool = Field(default=False, description="Send server-sent events, then data: [DONE].")
     stream_options: StreamOptions | None = None
@@ -85,9 +89,24 @@ class CompletionRequest(BaseModel):
     truncate_prompt_tokens: StrictInt | None = Field(
         default=None, ge=1, description="Keep only the last N prompt tokens (gpt2kit/vLLM extension)."
     )
+    min_tokens: StrictInt = Field(
+        default=0,
+        ge=0,
+        description="Neither the eos nor a stop string ends a choice before this many tokens.",
+    )
+    ignore_eos: StrictBool = Field(default=False, description="Keep generating after <|endoftext|>.")
+    include_stop_str_in_output: StrictBool = Field(
+        default=False, description="Keep the stop string that ended the text in it."
+    )
+    skip_special_tokens: StrictBool = Field(
+        default=True, description="False: <|endoftext|> tokens are written in the text."
+    )
+    spaces_between_special_tokens: StrictBool = Field(
+        default=True, description="Accepted; GPT-2's byte-level BPE inserts no spaces either way."
+    )
 
     def to_sampling_config(self) -> SamplingConfig:
-        """The engine's view of this request; a SamplingError names the wire field."""
+        """The engine's view of this request; a SamplingError becomes a 400 naming the wire field."""
         try:
             return SamplingConfig(
                 max_new_tokens=16 if self.max_tokens is None else self.max_tokens,
@@ -99,25 +118,29 @@ class CompletionRequest(BaseModel):
                 presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty,
                 logit_bias=self.logit_bias,
-                stop=self.stop_strings(),
+                stop=self.stop,
                 n=self.n,
                 seed=self.seed,
                 logprobs=self.logprobs,
+                min_tokens=self.min_tokens,
+                ignore_eos=self.ignore_eos,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                skip_special_tokens=self.skip_special_tokens,
+                spaces_between_special_tokens=self.spaces_between_special_tokens,
             )
         except SamplingError as e:
-            raise APIError(
-                400, f"{WIRE.get(e.field, e.field)} {e.message}", param=WIRE.get(e.field, e.field)
-            ) from None
-
-    def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop
-        return [s for s in stops if s]
+            raise wire_error(e) from None
 
 
 # SamplingConfig's fields under their wire names: the one place the server translates them.
 WIRE = {"max_new_tokens": "max_tokens"}
+
+
+def wire_error(e: SamplingError) -> APIError:
+    """A SamplingConfig error as the API says it: 400, the wire field's name, then the problem."""
+    name = WIRE.get(e.field, e.field)
+    message = e.message.replace("max_new_tokens", "max_tokens")
+    return APIError(400, f"{name} {message}", param=name)
 
 
 class CompletionLogprobs(BaseModel):

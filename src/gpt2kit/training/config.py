@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt2kit.dtypes import DTYPE_CHOICES
 from gpt2kit.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -29,7 +30,7 @@ else:  # the same parser, as a package (a dependency on Python 3.10)
     import tomli as tomllib
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = DTYPE_CHOICES
 PARALLEL = ("ddp", "fsdp")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
