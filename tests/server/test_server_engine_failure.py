@@ -163,10 +163,10 @@ def test_jobs_waiting_when_the_engine_fails_get_the_failure(model_dir: Path) -> 
 DRIVER = """
 import sys
 from gpt2kit import cli
-from gpt2kit.cli import serve
+from gpt2kit.cli import _compiled
 from server_helpers import FaultyStep
 
-serve.startup_step = lambda model, **_: FaultyStep(model)
+_compiled.prepare = lambda model, **_: FaultyStep(model)  # serve's step: the faulty one
 cli.main(sys.argv[1:])
 """
 

@@ -2,14 +2,13 @@
 --device, --dtype and --quantize (`add_flags`; --device alone: `add_device_flag`); the one
 load that reads them (`pick`, then `load`), saying on stderr what `auto` and `int8` picked on
 this machine (the choices themselves are `gpt2kit.device`'s and `gpt2kit.model.quantize`'s);
-`flag_error`, a SamplingConfig error under its flag's name; and `prepare_compiled_step`,
-which `generate --compile` and `serve` build or load their compiled decode step with.
+and `flag_error`, a SamplingConfig error under its flag's name. (The compiled decode step
+`generate --compile` and `serve` get is `gpt2kit.cli._compiled`'s.)
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -113,36 +112,3 @@ def load(args: argparse.Namespace, picks: Picks | None = None) -> tuple[GPT2, to
 
 def _name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def prepare_compiled_step(model, *, rows: int):
-    """Build (first time, with progress on stderr) or load the compiled step for `rows` rows
-    (and for more than one, the one-row step a lone row decodes with: `compiled.decode_step`);
-    `generate`/`complete` then find them loaded. A failed build is a one-line ConfigError."""
-    from gpt2kit.cli._progress import Ticker
-    from gpt2kit.model.compiled import decode_step
-
-    # The Ticker shows the build's phases, so the library's own info lines about them are
-    # dropped from the CLI's handlers meanwhile (--verbose shows both). The library's logger
-    # itself is left as it is.
-    quiet = _Drop("gpt2kit.model.compiled", below=logging.WARNING)
-    handlers = [] if logging.getLogger().isEnabledFor(logging.DEBUG) else logging.getLogger().handlers
-    for handler in handlers:
-        handler.addFilter(quiet)
-    try:
-        with Ticker("compiled step") as tick:
-            return decode_step(model, slots=rows, max_len=model.config.n_positions, build=True, progress=tick)
-    finally:
-        for handler in handlers:
-            handler.removeFilter(quiet)
-
-
-class _Drop(logging.Filter):
-    """Drops one logger's records below a level."""
-
-    def __init__(self, name: str, *, below: int) -> None:
-        super().__init__()
-        self.logger, self.below = name, below
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith(self.logger) and record.levelno < self.below)
