@@ -29,7 +29,7 @@ import torch
 from conftest import write_gpt2_tokenizer
 from gpt2kit.generation.complete import complete
 from gpt2kit.generation.config import SamplingConfig
-from gpt2kit.generation.engine import DECODE_ROWS, Engine, Row, SlotCache, TokenEvent, deterministic_step
+from gpt2kit.generation.engine import DECODE_ROWS, Engine, Row, SlotCache, TokenEvent, step_for
 from gpt2kit.generation.generate import generate
 from gpt2kit.model.config import GPT2Config
 from gpt2kit.model.gpt2 import GPT2
@@ -279,7 +279,7 @@ def test_compiled_steps_give_a_row_its_own_bits(dtype: torch.dtype) -> None:
     """A compiled step (built once per model and machine: minutes) called with DECODE_ROWS rows:
     a row alone, in a batch of 8, and joining late gives the same tokens and logits."""
     model = wide_model(dtype)
-    step = deterministic_step(model, slots=8, max_len=256, compile=True)
+    step = step_for(model, slots=8, max_len=256, compile=True, deterministic=True)
     assert step is not None
     config = CONFIG.replace(max_new_tokens=80)  # past a span bucket (64 positions)
 

@@ -17,15 +17,23 @@ COMPILE_HELP = (
 )
 
 
-def prepare(model, *, rows: int, compile: bool | None):
+def prepare(model, *, rows: int, compile: bool | None, deterministic: bool = False):
     """Get (load, or with `compile` build, with progress on stderr) the decode step for
-    `rows` rows now, so `generate`/`complete` and the server find it loaded; None: eager."""
+    `rows` rows now (for a `deterministic` engine, `step_for`'s), so `generate`/`complete` and
+    the server find it loaded; None: eager."""
     from gpt2kit.cli._progress import Ticker
     from gpt2kit.generation.engine import step_for
 
     if compile is False:
         return None
     with Ticker("compiled step") as tick:
-        step = step_for(model, slots=rows, max_len=model.config.n_positions, compile=compile, progress=tick)
+        step = step_for(
+            model,
+            slots=rows,
+            max_len=model.config.n_positions,
+            compile=compile,
+            progress=tick,
+            deterministic=deterministic,
+        )
         tick.gave_up = step is None  # a warning said why; nothing is "ready"
     return step

@@ -242,10 +242,8 @@ def run(args: argparse.Namespace) -> int:
     model, device = load(args, picks)
     if args.compile:
         from gpt2kit.cli._compiled import prepare
-        from gpt2kit.generation.engine import DECODE_ROWS
 
-        rows = max(config.n, args.num_beams)
-        prepare(model, rows=max(rows, DECODE_ROWS) if args.deterministic else rows, compile=True)
+        prepare(model, rows=max(config.n, args.num_beams), compile=True, deterministic=args.deterministic)
     if args.interactive:
         from gpt2kit.cli._repl import prompt_loop
 

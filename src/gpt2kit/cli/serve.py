@@ -113,11 +113,7 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("GPT2KIT_API_KEY") or None
     model, device = load(args)
     tokenizer = load_tokenizer(args.model)
-    from gpt2kit.generation.engine import DECODE_ROWS
-
-    # Deterministic decoding calls the step with DECODE_ROWS rows, whatever the batch size.
-    rows = max(args.max_batch_size, DECODE_ROWS) if args.deterministic else args.max_batch_size
-    step = prepare(model, rows=rows, compile=args.compile)
+    step = prepare(model, rows=args.max_batch_size, compile=args.compile, deterministic=args.deterministic)
     name = args.model_name or os.path.basename(os.path.normpath(str(args.model)))
     server: uvicorn.Server | None = None
     failures: list[str] = []

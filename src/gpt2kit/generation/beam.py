@@ -22,7 +22,7 @@ from torch import Tensor
 
 from gpt2kit.errors import ConfigError
 from gpt2kit.generation.config import SamplingConfig
-from gpt2kit.generation.engine import SlotCache, deterministic_step, step_for
+from gpt2kit.generation.engine import SlotCache, step_for
 from gpt2kit.generation.processors import History, penalise
 from gpt2kit.generation.prompts import eos_id, fit_prompt, left_pad, pad_id, unpad
 from gpt2kit.model.gpt2 import GPT2, use_decode_layout
@@ -96,8 +96,7 @@ def beam_search(
     rows = [p for p in prompts for _ in range(num_beams)]  # slot r holds row r's beam
     lengths = [len(p) for p in rows]  # real prompt length of each row
     max_len = max(lengths) + max_new
-    pick_step = deterministic_step if deterministic else step_for
-    step = pick_step(model, slots=len(rows), max_len=max_len, compile=compile)
+    step = step_for(model, slots=len(rows), max_len=max_len, compile=compile, deterministic=deterministic)
     cache = SlotCache(model, slots=len(rows), max_len=max_len, step=step, deterministic=deterministic)
     _, logits = cache.prefill(0, rows)
     while True:

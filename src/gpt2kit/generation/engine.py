@@ -543,24 +543,6 @@ def check_row(prompt: Sequence[int], config: SamplingConfig, *, vocab_size: int,
     config.check_vocab(vocab_size)
 
 
-def deterministic_step(
-    model: GPT2,
-    *,
-    slots: int,
-    max_len: int,
-    compile: bool | None,
-    progress: Callable[[str], None] | None = None,
-) -> DecodeStep | None:
-    """The compiled step for a deterministic engine (`compile` as in `step_for`): one that takes
-    `DECODE_ROWS` rows or more, without the one-row tier (every call has DECODE_ROWS rows)."""
-    if compile is False:
-        return None
-    rows = max(slots, DECODE_ROWS)
-    return decode_step(
-        model, slots=rows, max_len=max_len, build=compile is True, progress=progress, tiered=False
-    )
-
-
 def step_for(
     model: GPT2,
     *,
@@ -568,6 +550,7 @@ def step_for(
     max_len: int,
     compile: bool | None,
     progress: Callable[[str], None] | None = None,
+    deterministic: bool = False,
 ) -> DecodeStep | None:
     """The decode step `compile` asks for, or None for the eager one. One meaning everywhere
     (`generate`, `complete`, `beam_search`, `gpt2kit generate`, `serve`, `eval`):
@@ -581,7 +564,19 @@ def step_for(
     A compiled step is used only after it passes its check against the eager model. When
     one is wanted but can't be had (no C++ compiler, a failed build, a failed check), one
     warning says why and decoding is eager (`gpt2kit.model.compiled.decode_step`).
+
+    With `deterministic`, the step takes `DECODE_ROWS` rows or more and has no one-row tier:
+    a deterministic engine calls it with DECODE_ROWS rows every time.
     """
     if compile is False:
         return None
-    return decode_step(model, slots=slots, max_len=max_len, build=compile is True, progress=progress)
+    if deterministic:
+        slots = max(slots, DECODE_ROWS)
+    return decode_step(
+        model,
+        slots=slots,
+        max_len=max_len,
+        build=compile is True,
+        progress=progress,
+        tiered=not deterministic,
+    )

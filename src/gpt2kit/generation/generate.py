@@ -21,7 +21,7 @@ from torch import Tensor
 from gpt2kit.errors import ConfigError
 from gpt2kit.generation.beam import beam_search
 from gpt2kit.generation.config import SamplingConfig
-from gpt2kit.generation.engine import Engine, Row, deterministic_step, step_for
+from gpt2kit.generation.engine import Engine, Row, step_for
 from gpt2kit.generation.prompts import eos_id, fit_prompt, left_pad, pad_id, prompt_list, token_ids, unpad
 from gpt2kit.model.gpt2 import GPT2
 
@@ -188,13 +188,12 @@ def start(
         raise ConfigError(f"batch_size must be an integer >= 1, got {slots!r}")
     slots = min(count, slots or MAX_SLOTS)
     max_len = min(model.config.n_positions, max(len(p) for p in prompts) + config.max_new_tokens)
-    pick_step = deterministic_step if deterministic else step_for
     engine = Engine(
         model,
         slots=slots,
         max_len=max_len,
         eos_token_id=eos_token_id,
-        step=pick_step(model, slots=slots, max_len=max_len, compile=compile),
+        step=step_for(model, slots=slots, max_len=max_len, compile=compile, deterministic=deterministic),
         deterministic=deterministic,
     )
     rows = [
