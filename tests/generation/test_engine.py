@@ -156,3 +156,68 @@ def test_bad_rows_are_refused(model: GPT2) -> None:
         engine.add([1], SamplingConfig(logit_bias={60000: 1.0}))
     with pytest.raises(ConfigError, match="slots must be"):
         Engine(model, slots=0)
+
+
+def test_emit_hands_out_each_first_token_right_after_its_own_prefill(model: GPT2) -> None:
+    """With `emit`, a new row's first token goes out before the next row's prefill and
+    before the round's decode; the running rows' tokens go out before any prefill."""
+    engine = Engine(model, slots=4, eos_token_id=-1)
+    log: list = []
+    prefill, decode = engine.cache.prefill, engine.cache.decode
+
+    def logged_prefill(first, prompts):
+        log.append(("prefill", first))
+        return prefill(first, prompts)
+
+    def logged_decode(tokens, positions):
+        log.append(("decode", len(positions)))
+        return decode(tokens, positions)
+
+    engine.cache.prefill, engine.cache.decode = logged_prefill, logged_decode
+    config = SamplingConfig(max_new_tokens=3, temperature=0)
+    rows = [engine.add(p, config) for p in PROMPTS[:3]]
+
+    def emit(events) -> None:
+        log.append(("emit", [(rows.index(e.row), type(e).__name__) for e in events]))
+
+    assert engine.step(emit) == []  # everything went to emit
+    assert log == [
+        ("prefill", 0),
+        ("emit", [(0, "TokenEvent")]),
+        ("prefill", 1),
+        ("emit", [(1, "TokenEvent")]),
+        ("prefill", 2),
+        ("emit", [(2, "TokenEvent")]),
+        ("decode", 3),
+    ]
+    log.clear()
+    late = engine.add(PROMPTS[3], config)
+    rows.append(late)
+    engine.step(emit)
+    assert log == [
+        ("emit", [(0, "TokenEvent"), (1, "TokenEvent"), (2, "TokenEvent")]),
+        ("prefill", 3),
+        ("emit", [(3, "TokenEvent")]),
+        ("decode", 4),
+    ]
+    while engine.busy:
+        engine.step(emit)
+    want = Engine(model, slots=4, eos_token_id=-1)
+    same = [want.add(p, config) for p in PROMPTS[:4]]
+    run(want)
+    assert [r.tokens for r in rows] == [r.tokens for r in same]
+
+
+def test_a_slot_freed_in_a_round_takes_a_waiting_row_in_the_same_round(model: GPT2) -> None:
+    engine = Engine(model, slots=1, eos_token_id=-1)
+    first = engine.add(PROMPTS[0], SamplingConfig(max_new_tokens=2, temperature=0))
+    second = engine.add(PROMPTS[1], SamplingConfig(max_new_tokens=2, temperature=0))
+    engine.step()  # first: prefill, token 1, decode
+    events = engine.step()  # first: token 2 (done); second: prefill and token 1 in this round
+    assert [(e.row, type(e)) for e in events] == [
+        (first, TokenEvent),
+        (first, FinishEvent),
+        (second, TokenEvent),
+    ]
+    run(engine)
+    assert second.tokens == alone(model, PROMPTS[1], SamplingConfig(max_new_tokens=2, temperature=0), None)

@@ -59,7 +59,12 @@ def test_rows_equal_generate_with_the_same_seeds(worker: Worker, model: GPT2) ->
     assert [t for t, _ in got] == [w[len(PROMPTS[r // 2]) :] for r, w in enumerate(want)]
 
 
-def test_concurrent_requests_equal_requests_alone(worker: Worker) -> None:
+def test_concurrent_requests_equal_requests_alone(model: GPT2) -> None:
+    # Bit for bit only in the deterministic mode: by default a row's decode logits may
+    # differ in the last bits with its slot and the rows beside it (fused attention splits
+    # rows over threads), and a sampled token near a boundary of the uniform draw then
+    # flips (seen with prompt 4 when it joined in another slot). docs/generation.md.
+    worker = Worker(model, eos_token_id=EOS, slots=4, deterministic=True)
     configs = [
         SamplingConfig(max_new_tokens=5 + i, seed=10 + i, temperature=0.8) for i in range(len(PROMPTS))
     ]
@@ -67,8 +72,11 @@ def test_concurrent_requests_equal_requests_alone(worker: Worker) -> None:
     async def together():
         return await asyncio.gather(*(collect(worker, [p], c) for p, c in zip(PROMPTS, configs, strict=True)))
 
-    alone = [asyncio.run(collect(worker, [p], c)) for p, c in zip(PROMPTS, configs, strict=True)]
-    assert asyncio.run(together()) == alone
+    try:
+        alone = [asyncio.run(collect(worker, [p], c)) for p, c in zip(PROMPTS, configs, strict=True)]
+        assert asyncio.run(together()) == alone
+    finally:
+        worker.stop()
 
 
 def test_threads_submitting_at_once(worker: Worker) -> None:

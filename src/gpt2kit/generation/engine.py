@@ -340,15 +340,25 @@ class Engine:
     # --- one round ----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[Event]:
-        """Admit waiting rows, pick one token for every running row, then run the model on them."""
+    def step(self, emit: Callable[[list[Event]], None] | None = None) -> list[Event]:
+        """Pick one token for every running row, admit waiting rows into the free slots (each
+        prefilled, then given its first token), then run the model on all of them.
+
+        Events are returned at the end or, with `emit`, handed to it as soon as they exist
+        (and not returned): the running rows' tokens before any prefill starts, and each new
+        row's first token right after its own prefill, not after the whole round. That is
+        the server's time to first token: a burst of prompts is answered one by one, and no
+        client waits for the decode that follows. The tokens are the same either way.
+        """
         events: list[Event] = []
         self._drop_cancelled(events)
-        self._admit(events)
-        self._release()  # rows that only scored their prompt
         if self.rows:
-            self._choose(events)
-            self._release()
+            self._choose(events, range(len(self.rows)))  # on the logits of the last decode
+            self._release()  # rows that ended free their slots for the waiting ones
+        if emit is not None and events:
+            emit(events)
+            events = []
+        self._admit(events, emit)
         if self.rows:
             self._decode()
         return events
@@ -367,28 +377,27 @@ class Engine:
             row.finish_reason = reason
             events.append(FinishEvent(row, reason))
 
-    def _admit(self, events: list[Event]) -> None:
-        """Move waiting rows into free slots and prefill them, each alone (`SlotCache.prefill`)."""
-        joined: list[Row] = []
-        while self.waiting and len(self.rows) + len(joined) < self.slots:
-            joined.append(self.waiting.popleft())
-        if joined:
-            self._prefill(joined, events)
-
-    def _prefill(self, group: list[Row], events: list[Event]) -> None:
-        first = len(self.rows)
-        for i, row in enumerate(group):
-            row.slot = first + i
-        h, logits = self.cache.prefill(first, [r.prompt for r in group])
-        for i, row in enumerate(group):
+    def _admit(self, events: list[Event], emit: Callable[[list[Event]], None] | None) -> None:
+        """Move waiting rows into free slots one by one: prefill each alone (`SlotCache.prefill`)
+        and choose its first token (handed to `emit` at once, if given)."""
+        while self.waiting and len(self.rows) < self.slots:
+            row = self.waiting.popleft()
+            i = row.slot = len(self.rows)
+            h, logits = self.cache.prefill(i, [row.prompt])
             if row.prompt_logprobs:
-                events.append(self._prompt_logprobs(row, h[i, : len(row.prompt)]))
-        self._init_history(group)
-        self.rows += group
-        self.logits = logits if self.logits is None else torch.cat([self.logits[:first], logits])
-        for row in group:
+                events.append(self._prompt_logprobs(row, h[0, : len(row.prompt)]))
+            self._init_history([row])
+            self.rows.append(row)
+            self.logits = logits if self.logits is None else torch.cat([self.logits[:i], logits])
             if row.limit == 0:  # scoring only (echo with max_tokens 0): nothing to generate
                 self._finish(row, "length", events)
+            else:
+                self._choose(events, [i])
+            if row.finished:  # its slot is free again at once
+                self._release()
+            if emit is not None and events:
+                emit(events)
+                events.clear()
 
     def _prompt_logprobs(self, row: Row, h: Tensor) -> PromptEvent:
         logprobs = self.model.logits(h).float().log_softmax(dim=-1)  # (T, V)
@@ -419,44 +428,48 @@ class Engine:
             if self.counts is not None:
                 self.counts[row.slot] = 0
 
-    def _choose(self, events: list[Event]) -> None:
-        """One token per running row, each with its own config and generator."""
+    def _choose(self, events: list[Event], which: Sequence[int]) -> None:
+        """One token for each running row in `which` (indices into `rows`), each with its own
+        config and generator: a row's token never depends on which rows are chosen with it."""
         assert self.logits is not None and self.logits.shape[0] == len(self.rows)
-        n = len(self.rows)
-        u = uniforms([r.generator for r in self.rows], self.device)  # (n,): one draw per row per step
+        which = list(which)
+        rows = [self.rows[i] for i in which]
+        index = torch.tensor(which, device=self.device)  # the rows' slots
+        raw = self.logits if len(which) == len(self.rows) else self.logits[index]
+        u = uniforms([r.generator for r in rows], self.device)  # (n,): one draw per row per step
         groups: dict[tuple, list[int]] = {}
-        for i, row in enumerate(self.rows):
-            groups.setdefault(row.config.scoring, []).append(i)
-        logits = self._without_early_eos(self.logits)
+        for j, row in enumerate(rows):
+            groups.setdefault(row.config.scoring, []).append(j)
+        logits = self._without_early_eos(raw, rows)
         if len(groups) == 1:
-            tokens = self._pick(range(n), logits, u)
+            tokens = self._pick(which, logits, u)
         else:
-            tokens = torch.empty(n, dtype=torch.long, device=self.device)
+            tokens = torch.empty(len(rows), dtype=torch.long, device=self.device)
             for members in groups.values():
-                index = torch.tensor(members, device=self.device)
-                tokens[index] = self._pick(members, logits[index], u[index])
-        wanted = [i for i, r in enumerate(self.rows) if r.config.logprobs is not None]
+                local = torch.tensor(members, device=self.device)
+                tokens[local] = self._pick([which[j] for j in members], logits[local], u[local])
+        wanted = [j for j, r in enumerate(rows) if r.config.logprobs is not None]
         logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if wanted:
-            logprobs = self._logprobs(wanted, tokens)
-        rows_index = torch.arange(n, device=self.device)
+            logprobs = self._logprobs(rows, raw, wanted, tokens)
         if self.seen is not None:
-            self.seen[rows_index, tokens] = True
+            self.seen[index, tokens] = True
         if self.counts is not None:
-            self.counts[rows_index, tokens] += 1
-        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
+            self.counts[index, tokens] += 1
+        for j, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             row.tokens.append(token)
-            lp, top = logprobs.get(i, (None, None))
+            lp, top = logprobs.get(j, (None, None))
             events.append(TokenEvent(row, token, lp, top))
             if token == self.eos and not row.config.ignore_eos:
                 self._finish(row, "stop", events)
             elif len(row.tokens) >= row.limit:
                 self._finish(row, "length", events)
 
-    def _without_early_eos(self, logits: Tensor) -> Tensor:
-        """`logits` with the eos masked in rows that have fewer than `min_tokens` tokens (a
-        copy: reported logprobs stay the model's own), so the eos is never drawn there."""
-        early = [i for i, r in enumerate(self.rows) if len(r.tokens) < r.config.min_tokens]
+    def _without_early_eos(self, logits: Tensor, rows: list[Row]) -> Tensor:
+        """`logits` (one row each of `rows`) with the eos masked in rows that have fewer than
+        `min_tokens` tokens (a copy: reported logprobs stay the model's own), so the eos is
+        never drawn there."""
+        early = [j for j, r in enumerate(rows) if len(r.tokens) < r.config.min_tokens]
         if not early or self.eos < 0:
             return logits
         logits = logits.clone()
@@ -476,22 +489,23 @@ class Engine:
         return next_tokens(logits, config, history, u)
 
     def _logprobs(
-        self, wanted: list[int], tokens: Tensor
+        self, rows: list[Row], raw: Tensor, wanted: list[int], tokens: Tensor
     ) -> dict[int, tuple[float, list[tuple[int, float]]]]:
-        assert self.logits is not None
+        """For rows[j], j in `wanted`: the chosen token's logprob and the top `logprobs`, under
+        the model's own distribution (`raw`, one row of logits each of `rows`)."""
         index = torch.tensor(wanted, device=self.device)
-        raw = self.logits[index].float().log_softmax(dim=-1)  # (w, V)
-        chosen = raw.gather(1, tokens[index][:, None])[:, 0].tolist()
-        k = max(self.rows[i].config.logprobs or 0 for i in wanted)
+        lp = raw[index].float().log_softmax(dim=-1)  # (w, V)
+        chosen = lp.gather(1, tokens[index][:, None])[:, 0].tolist()
+        k = max(rows[j].config.logprobs or 0 for j in wanted)
         top_ids, top_values = ([], [])
         if k:
-            top = raw.topk(k, dim=-1)
+            top = lp.topk(k, dim=-1)
             top_ids, top_values = top.indices.tolist(), top.values.tolist()
         out = {}
-        for j, i in enumerate(wanted):
-            kk = self.rows[i].config.logprobs or 0
-            pairs = list(zip(top_ids[j][:kk], top_values[j][:kk], strict=True)) if kk else []
-            out[i] = (chosen[j], pairs)
+        for w, j in enumerate(wanted):
+            kk = rows[j].config.logprobs or 0
+            pairs = list(zip(top_ids[w][:kk], top_values[w][:kk], strict=True)) if kk else []
+            out[j] = (chosen[w], pairs)
         return out
 
     def _release(self) -> None:

@@ -269,9 +269,10 @@ class Worker:
             if self.engine.busy:
                 pause_point("serve.engine_step")
                 t0 = time.perf_counter()
-                events: list = self.engine.step()
+                # Each token goes out as soon as it is chosen: a new row's first one right
+                # after its own prefill, not after the whole round (time to first token).
+                self.engine.step(emit=lambda events: self._deliver(events, owners))
                 self.share.ran_step(time.perf_counter() - t0)
-                self._deliver(events, owners)
             else:
                 self.share.idle()
 
