@@ -24,7 +24,7 @@ SERVE_COMPILE_HELP = (
     "dtype and machine is loaded at start-up; else, where compiling pays for this model's size "
     "(the log says what was decided), one is built in a background process while the server "
     "already answers on the eager step, and swapped in once it passes its check against the "
-    "eager model (tokens stay the same). --compile: build it in the background whatever the "
+    "eager model. --compile: build it in the background whatever the "
     "size; --no-compile: eager only. /health and /v1/models show which step is in use; a "
     "failed build leaves the server eager, with one warning saying why"
 )

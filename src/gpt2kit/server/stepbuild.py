@@ -251,7 +251,7 @@ class BackgroundBuild:
         seconds = round(time.monotonic() - start, 1)
         self.status.set(in_use="compiled", state="ready", build_seconds=seconds, rows_at_swap=rows)
         log.info(
-            "%s in use from now on (%.1fs after start-up; %d rows in flight went on with it)",
+            "%s in use from now on (%.1fs after start-up; rows in flight that went on with it: %d)",
             LABEL,
             seconds,
             rows,
