@@ -23,16 +23,19 @@ import openai
 import pytest
 
 from cli_helpers import free_port
+from conftest import tiny_model
+from gpt2kit.errors import ConfigError
+from gpt2kit.generation.config import SamplingConfig
+from gpt2kit.generation.engine import EagerStep, Engine
 from gpt2kit.model.compiled import missing_toolchain
+from gpt2kit.server.worker import Worker
 from pause_helpers import pause_env, wait_paused
 from server_helpers import MODEL_NAME, make_model_dir
 
-pytestmark = [
-    pytest.mark.skipif(
-        missing_toolchain() is not None, reason=f"compiled steps can't be built here: {missing_toolchain()}"
-    ),
-    pytest.mark.timeout(1800),  # a build takes minutes on a busy CPU
-]
+NEEDS_BUILD = pytest.mark.skipif(
+    missing_toolchain() is not None, reason=f"compiled steps can't be built here: {missing_toolchain()}"
+)
+pytestmark = pytest.mark.timeout(1800)  # a build takes minutes on a busy CPU
 
 N_CTX = 512
 # Long enough (~0.5-5 s eager) to be in flight when the held swap is let go.
@@ -152,6 +155,7 @@ def wait_builder(server: Serve) -> int:
     return pids[0]
 
 
+@NEEDS_BUILD
 def test_swap_changes_no_tokens_and_the_first_answer_comes_while_building(model_dir, tmp_path) -> None:
     """--compile --deterministic: one build (DECODE_ROWS rows, no one-row tier). Greedy text
     is the same before the swap, across it (a stream in flight when the step changes) and
@@ -210,6 +214,7 @@ def test_swap_changes_no_tokens_and_the_first_answer_comes_while_building(model_
     assert "decode step: compiled (the step saved for this model)" in again.log.read_text()
 
 
+@NEEDS_BUILD
 def test_a_failed_build_leaves_the_server_eager_and_health_says_why(model_dir, tmp_path) -> None:
     """The build process can't compile (CXX names no compiler): one warning, eager decoding,
     /health and /v1/models say why."""
@@ -229,6 +234,7 @@ def test_a_failed_build_leaves_the_server_eager_and_health_says_why(model_dir, t
     assert len(warnings) == 1 and "C++ compiler" in warnings[0] and "serving on the eager step" in warnings[0]
 
 
+@NEEDS_BUILD
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
 def test_the_build_process_ends_with_the_server(model_dir, tmp_path, sig) -> None:
     """Stopped (SIGTERM: the server kills the build's process group) or killed (SIGKILL: the
@@ -269,6 +275,7 @@ def test_decisions_without_a_build(model_dir, tmp_path) -> None:
         off.stop()
 
 
+@NEEDS_BUILD
 @pytest.mark.slow
 def test_swap_with_the_one_row_tier_changes_no_greedy_tokens(model_dir, tmp_path) -> None:
     """--compile without --deterministic: two builds (the rows' step and the one-row step
@@ -287,3 +294,59 @@ def test_swap_with_the_one_row_tier_changes_no_greedy_tokens(model_dir, tmp_path
         assert "".join(pieces) == before == server.text(GREEDY)
     finally:
         assert server.stop() in STOPPED
+
+
+class NarrowStep(EagerStep):
+    """The eager step, declared for at most `slots` rows and a cache of `max_len` positions
+    (what a compiled step declares)."""
+
+    def __init__(self, model, *, slots: int, max_len: int | None = None) -> None:
+        super().__init__(model)
+        self.slots, self.max_len = slots, max_len
+
+
+def test_a_step_that_does_not_fit_the_cache_is_refused_and_the_engine_goes_on() -> None:
+    """Engine.use_step checks before it changes anything; through the worker, the refusal
+    reaches the caller's future and the engine keeps decoding on its own step."""
+    model = tiny_model(seed=1)
+    engine = Engine(model, slots=4)
+    own = engine.cache.step
+    with pytest.raises(ConfigError, match="takes at most 2 rows; this engine calls it with 4"):
+        engine.use_step(NarrowStep(model, slots=2))
+    with pytest.raises(ConfigError, match="needs a cache of 32 positions; this engine's holds 64"):
+        engine.use_step(NarrowStep(model, slots=4, max_len=32))
+    assert engine.cache.step is own
+    deterministic = Engine(model, slots=2, deterministic=True)  # calls with DECODE_ROWS (8) rows
+    with pytest.raises(ConfigError, match="calls it with 8"):
+        deterministic.use_step(NarrowStep(model, slots=4))
+
+    worker = Worker(model, eos_token_id=-1, slots=4)
+    try:
+        with pytest.raises(ConfigError):
+            worker.use_step(NarrowStep(model, slots=2)).result(timeout=60)
+        fits = NarrowStep(model, slots=4, max_len=64)
+        assert worker.use_step(fits).result(timeout=60) == 0  # no rows were running
+        assert worker.engine.cache.step is fits
+    finally:
+        worker.stop()
+
+
+def test_rows_in_flight_go_on_with_the_new_step() -> None:
+    """A swap between two engine steps, rows half-way: their tokens are those of an engine
+    that never swapped (the eager step for the same model, here, so they must be equal)."""
+    model = tiny_model(seed=2)
+    config = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=4)
+    prompts = [[1, 2, 3], [5], [7, 8]]
+
+    def run(swap_at: int | None) -> list[list[int]]:
+        engine = Engine(model, slots=4)
+        rows = [engine.add(p, config, seed=i) for i, p in enumerate(prompts)]
+        for n in range(1000):
+            if n == swap_at:
+                engine.use_step(NarrowStep(model, slots=4, max_len=engine.max_len))
+            if not engine.busy:
+                break
+            engine.step()
+        return [r.tokens for r in rows]
+
+    assert run(swap_at=7) == run(swap_at=None)
