@@ -30,7 +30,7 @@ from gpt2kit.generation.engine import EagerStep, Engine
 from gpt2kit.model.compiled import missing_toolchain
 from gpt2kit.server.worker import Worker
 from pause_helpers import pause_env, wait_paused
-from server_helpers import MODEL_NAME, make_model_dir
+from server_helpers import MODEL_NAME, make_bpe_model_dir, make_model_dir
 
 NEEDS_BUILD = pytest.mark.skipif(
     missing_toolchain() is not None, reason=f"compiled steps can't be built here: {missing_toolchain()}"
@@ -239,7 +239,8 @@ def test_a_failed_build_leaves_the_server_eager_and_health_says_why(model_dir, t
 def test_the_build_process_ends_with_the_server(model_dir, tmp_path, sig) -> None:
     """Stopped (SIGTERM: the server kills the build's process group) or killed (SIGKILL: the
     kernel kills the build process, PR_SET_PDEATHSIG), no build process outlives the server."""
-    server = Serve(model_dir, tmp_path, "--compile")
+    # Stopped: neither flag (auto; the model's 1.6M weights per token are enough to pay); killed: --compile.
+    server = Serve(model_dir, tmp_path, *(() if sig == signal.SIGTERM else ("--compile",)))
     server.start()
     child = wait_builder(server)
     assert server.step()["state"] == "building"
@@ -251,12 +252,18 @@ def test_the_build_process_ends_with_the_server(model_dir, tmp_path, sig) -> Non
         time.sleep(0.05)
     if sig == signal.SIGTERM:
         assert group_members(child) == [], "the build's compilers outlived the server"
+        log = server.log.read_text()
+        assert (
+            "decode step: eager now, compiled one building in the background (1.63M weights read per token: "
+            in log
+        )
 
 
 def test_decisions_without_a_build(model_dir, tmp_path) -> None:
-    """Neither flag, a model too small for compiling to pay and no saved step: eager, no build
-    process, and /health says why. --no-compile: eager, and says so."""
-    auto = Serve(model_dir, tmp_path, cache=tmp_path / "empty")
+    """Neither flag, a model too small for compiling to pay (0.07M weights per token) and no
+    saved step: eager, no build process, and /health says why. --no-compile: eager, and says so."""
+    small = make_bpe_model_dir(tmp_path / "small", vocab_size=512)
+    auto = Serve(small, tmp_path)
     auto.start()
     try:
         info = auto.step()
