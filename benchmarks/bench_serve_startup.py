@@ -16,6 +16,7 @@ Decode tokens/s = (tokens - 1) / (time of the last streamed piece - time of the 
 
     python benchmarks/bench_serve_startup.py
     python benchmarks/bench_serve_startup.py --model runs/quickstart/final --new 64
+    python benchmarks/bench_serve_startup.py --first-only 3   # the first answer alone, 3 times
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def main() -> None:
     p.add_argument("--model", default=None, help="a model to serve; default: a random gpt2 124M")
     p.add_argument("--new", type=int, default=128, help="tokens per timed request")
     p.add_argument("--threads", type=int, default=None, help="the server's --threads")
+    p.add_argument(
+        "--first-only", type=int, default=0, metavar="N", help="only time the first answer, N times"
+    )
     args = p.parse_args()
     flags = ("--threads", str(args.threads)) if args.threads else ()
     print(
@@ -102,6 +106,15 @@ def main() -> None:
         if model is None:
             model = str(work / "gpt2")
             make_model_dir(Path(model))
+        if args.first_only:
+            for i in range(args.first_only):  # each with an empty step cache of its own
+                server = Serve(model, work / f"cache{i}", work / "first.log", *flags)
+                try:
+                    print(f"first answer after {server.first_answer():.2f} s ({server.step()['state']})")
+                finally:
+                    server.stop()
+            print(f"load average at the end: {os.getloadavg()}")
+            return
         server = Serve(model, work / "cache", work / "auto.log", *flags)
         try:
             first = server.first_answer()

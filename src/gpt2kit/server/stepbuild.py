@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 
 from gpt2kit.faults import pause_point
 from gpt2kit.generation.engine import DecodeStep, step_for
+from gpt2kit.model import stepcache
 from gpt2kit.model.gpt2 import GPT2
 from gpt2kit.openmp import release_thread_pool
 from gpt2kit.server.protocol import DecodeStepInfo
@@ -137,7 +138,9 @@ def plan(model: GPT2, *, compile: bool | None, rows: int, deterministic: bool) -
         status = StepStatus(in_use="eager", state="not compiled: --no-compile")
         log.info("decode step: eager (--no-compile)")
         return Plan(None, False, status)
-    step = _saved_step(model, rows=rows, deterministic=deterministic)
+    # Looking one up needs the model's key: its weights hashed and inductor's ISA probed
+    # (a test compile, ~3 s): not worth it on the way to the first answer when no step at all is saved.
+    step = _saved_step(model, rows=rows, deterministic=deterministic) if _any_saved() else None
     if step is not None:
         log.info("decode step: compiled (the step saved for this model)")
         return Plan(step, False, StepStatus(in_use="compiled", state="ready"))
@@ -148,6 +151,11 @@ def plan(model: GPT2, *, compile: bool | None, rows: int, deterministic: bool) -
         return Plan(None, True, StepStatus(in_use="eager", state="building"))
     log.info("decode step: eager, not compiled (%s; --compile builds one anyway)", why)
     return Plan(None, False, StepStatus(in_use="eager", state=f"not compiled: {why}"))
+
+
+def _any_saved() -> bool:
+    """Whether the step cache holds any step (for any model)."""
+    return any(stepcache.steps_folder().glob("*.json"))
 
 
 def _saved_step(model: GPT2, *, rows: int, deterministic: bool) -> DecodeStep | None:
