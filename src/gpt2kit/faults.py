@@ -36,6 +36,8 @@ POINTS = {
     "names the previous one",
     "prepare.mid_shard": "data/prepare.py: bytes of a shard are in its hidden temporary file, not yet renamed",
     "serve.engine_step": "server/worker.py: the engine thread, before a decoding step (HTTP still answers)",
+    "serve.step_swap": "server/stepbuild.py: a compiled step built in the background is loaded and "
+    "checked, not yet handed to the engine thread (which goes on decoding eagerly)",
 }
 
 AT_VAR, FILE_VAR = "GPT2KIT_PAUSE_AT", "GPT2KIT_PAUSE_FILE"

@@ -163,10 +163,14 @@ def test_jobs_waiting_when_the_engine_fails_get_the_failure(model_dir: Path) -> 
 DRIVER = """
 import sys
 from gpt2kit import cli
-from gpt2kit.cli import _compiled
+from gpt2kit.server import stepbuild
 from server_helpers import FaultyStep
 
-_compiled.prepare = lambda model, **_: FaultyStep(model)  # serve's step: the faulty one
+def plan(model, **_):  # serve's step: the faulty one, nothing built in the background
+    step = FaultyStep(model)
+    return stepbuild.Plan(step, False, stepbuild.StepStatus.of(step))
+
+stepbuild.plan = plan
 cli.main(sys.argv[1:])
 """
 

@@ -6,12 +6,13 @@ import argparse
 import os
 import sys
 
-from gpt2kit.cli._compiled import COMPILE_HELP
+from gpt2kit.cli._compiled import SERVE_COMPILE_HELP
 
 EXAMPLE = """examples:
   gpt2kit serve --model gpt2                       # http://127.0.0.1:8000/ is the Explorer
   gpt2kit serve --model runs/shakespeare/final --port 8080 --api-key secret
-  gpt2kit serve --model gpt2 --compile             # the compiled decode step (built the first time)
+  gpt2kit serve --model gpt2 --compile             # build the compiled step in the background (any size)
+  curl -s localhost:8000/health                    # "decode_step": {"in_use": "eager", "state": "building"}
   gpt2kit serve --model gpt2 --exit-on-engine-failure   # under systemd/k8s: exit 1, get restarted
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "gpt2", "prompt": "Hello", "max_tokens": 8, "seed": 1}'
@@ -63,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=COMPILE_HELP + "; the step is loaded (or built) at start-up, before the server answers",
+        help=SERVE_COMPILE_HELP,
     )
     p.add_argument(
         "--deterministic",
@@ -89,10 +90,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gpt2kit.cli._common import load
-    from gpt2kit.cli._compiled import prepare
+    from gpt2kit.cli._common import load, pick
     from gpt2kit.errors import ConfigError
     from gpt2kit.model.checkpoint import load_tokenizer
+    from gpt2kit.server import stepbuild
     from gpt2kit.server.app import create_app
     from gpt2kit.server.openai_completions import Limits
 
@@ -111,9 +112,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     # Read here, not as the flag's default, so --help never prints the key.
     api_key = args.api_key or os.environ.get("GPT2KIT_API_KEY") or None
-    model, device = load(args)
+    picks = pick(args)
+    model, device = load(args, picks)
     tokenizer = load_tokenizer(args.model)
-    step = prepare(model, rows=args.max_batch_size, compile=args.compile, deterministic=args.deterministic)
+    plan = stepbuild.plan(
+        model, compile=args.compile, rows=args.max_batch_size, deterministic=args.deterministic
+    )
+    step = plan.step
     name = args.model_name or os.path.basename(os.path.normpath(str(args.model)))
     server: uvicorn.Server | None = None
     failures: list[str] = []
@@ -136,9 +141,26 @@ def run(args: argparse.Namespace) -> int:
         step=step,
         on_engine_failure=on_engine_failure,
         deterministic=args.deterministic,
+        step_status=plan.status,
     )
+    build = None
+    if plan.build:
+        import torch
+
+        spec = stepbuild.Spec(
+            model=_model_source(args.model),
+            device=str(picks.device),
+            dtype=str(picks.dtype).removeprefix("torch."),
+            quantize=picks.quantize,
+            threads=torch.get_num_threads(),
+            rows=args.max_batch_size,
+            deterministic=args.deterministic,
+            parent=os.getpid(),
+        )
+        build = stepbuild.BackgroundBuild(model, spec, status=plan.status, use_step=app.state.worker.use_step)
+        app.state.on_shutdown.append(build.stop)  # no orphan: the child and its compilers end with the server
     print(
-        f"serving {name!r} on {device} ({'compiled' if step is not None else 'eager'} decode step) "
+        f"serving {name!r} on {device} ({plan.status.info().in_use} decode step) "
         f"at http://{args.host}:{args.port}/ "
         f"(Explorer at /, API docs at /docs{', API key required' if api_key else ''})"
     )
@@ -148,8 +170,20 @@ def run(args: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
     server.should_exit = bool(failures) and args.exit_on_engine_failure  # it failed already
-    server.run()
+    if build is not None:
+        build.start()
+    try:
+        server.run()
+    finally:
+        if build is not None:
+            build.stop()  # again, if uvicorn ended before its shutdown (a failed start)
     if failures and args.exit_on_engine_failure:
         print(f"gpt2kit serve: {failures[0]}; exiting (--exit-on-engine-failure)", file=sys.stderr)
         return 1
     return 0
+
+
+def _model_source(model: str) -> str:
+    """--model as the build process (another working directory one day) finds it: a local
+    path made absolute, a hub id as it is."""
+    return os.path.abspath(model) if os.path.exists(model) else model

@@ -327,6 +327,24 @@ class Engine:
         self.waiting.append(row)
         return row
 
+    def use_step(self, step: DecodeStep) -> None:
+        """Decode with `step` from the next round on; the cache and the rows stay as they are.
+
+        For a compiled step that finished building while rows ran (`gpt2kit serve`): every
+        step writes and reads the same cache, so a row goes on where it was. ConfigError,
+        with nothing changed, if `step` can't run on this cache: it takes fewer rows than a
+        call has, or needs another cache length."""
+        cache = self.cache
+        if step.slots is not None and step.slots < cache.call_rows:
+            raise ConfigError(
+                f"the new decode step takes at most {step.slots} rows; this engine calls it with {cache.call_rows}"
+            )
+        if step.max_len is not None and step.max_len != cache.max_len:
+            raise ConfigError(
+                f"the new decode step needs a cache of {step.max_len} positions; this engine's holds {cache.max_len}"
+            )
+        cache.step = step
+
     @property
     def busy(self) -> bool:
         """Rows are running or waiting."""

@@ -171,7 +171,10 @@ def _inductor_isa() -> str:
         from torch._inductor.cpu_vec_isa import pick_vec_isa
     except ImportError:  # an older torch: the capability above stands for it
         return "?"
-    return str(pick_vec_isa())
+    try:
+        return str(pick_vec_isa())
+    except Exception:  # it test-compiles each ISA: with no working C++ compiler nothing is built here
+        return "none (no C++ compiler)"
 
 
 def _cpuinfo() -> tuple[str, list[str]]:

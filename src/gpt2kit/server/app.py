@@ -49,6 +49,7 @@ from gpt2kit.server.protocol import (
     TokenizeResponse,
     TokenizerInfoResponse,
 )
+from gpt2kit.server.stepbuild import StepStatus
 from gpt2kit.server.worker import Worker, WorkerBusy, WorkerUnavailable
 from gpt2kit.tokenizer.tokenizer import Tokenizer
 
@@ -92,6 +93,7 @@ def create_app(
     max_explorer_jobs: int = 16,
     on_engine_failure: Callable[[str], None] | None = None,
     deterministic: bool = False,
+    step_status: StepStatus | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `model`; its engine thread starts now and stops at shutdown.
 
@@ -101,6 +103,8 @@ def create_app(
     `max_explorer_jobs` the Explorer requests waiting for the engine thread (429 beyond).
     `on_engine_failure(reason)` is called (on the engine thread) if that thread fails.
     `deterministic` the engine's (a request's tokens don't depend on the requests beside it).
+    `step_status`: what /health and /v1/models say of the decode step (`server/stepbuild.py`,
+    whose `BackgroundBuild` swaps a compiled step in later); None: `step`, for good.
     """
     worker = Worker(
         model,
@@ -116,10 +120,12 @@ def create_app(
     app = _base_app(worker, api_key=api_key, max_body_bytes=max_body_bytes)
     # Declares the bearer scheme in the OpenAPI document; Guard enforces it.
     bearer = [Security(HTTPBearer(auto_error=False))] if api_key else []
-    app.include_router(_health_router(worker, model_name, auth_required=api_key is not None))
+    status = step_status or StepStatus.of(step)
+    app.state.step_status = status
+    app.include_router(_health_router(worker, model_name, status, auth_required=api_key is not None))
     ctx = Context(worker, tokenizer, model_name, limits or Limits())
     for router, errors in (
-        (_openai_router(ctx), MODEL_ERRORS),
+        (_openai_router(ctx, status), MODEL_ERRORS),
         (explorer_router(model, tokenizer, worker), MODEL_ERRORS),
         (_tokenizer_router(model, tokenizer, model_name), ERRORS),
     ):
@@ -141,6 +147,9 @@ def _base_app(worker: Worker, *, api_key: str | None, max_body_bytes: int) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         worker.stop()
+        # Here, not after uvicorn returns: on SIGTERM it re-raises the signal once shut down.
+        for stop in app.state.on_shutdown:
+            stop()
 
     app = FastAPI(
         title="gpt2kit",
@@ -149,12 +158,13 @@ def _base_app(worker: Worker, *, api_key: str | None, max_body_bytes: int) -> Fa
         lifespan=lifespan,
     )
     app.state.worker = worker
+    app.state.on_shutdown = []  # more to stop with the server (serve's background build)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     _error_handlers(app)
     return app
 
 
-def _health_router(worker: Worker, model_name: str, *, auth_required: bool) -> APIRouter:
+def _health_router(worker: Worker, model_name: str, status: StepStatus, *, auth_required: bool) -> APIRouter:
     router = APIRouter(tags=["server"])
 
     @router.get(
@@ -164,24 +174,30 @@ def _health_router(worker: Worker, model_name: str, *, auth_required: bool) -> A
     )
     def health() -> Health:
         """Liveness and load: 200 while the engine serves, 503 naming the failure once it has
-        failed (requests then get 503 too); never needs the API key."""
+        failed (requests then get 503 too); never needs the API key. `decode_step` says
+        which step decodes (eager or compiled) and where a compiled one stands."""
         failure = worker.failure
         if failure is not None:
             raise _unavailable(failure)
-        return Health(model=model_name, requests_in_flight=worker.load, auth_required=auth_required)
+        return Health(
+            model=model_name,
+            requests_in_flight=worker.load,
+            auth_required=auth_required,
+            decode_step=status.info(),
+        )
 
     return router
 
 
-def _openai_router(ctx: Context) -> APIRouter:
+def _openai_router(ctx: Context, status: StepStatus) -> APIRouter:
     """GET /v1/models and POST /v1/completions."""
     router = APIRouter(tags=["openai"])
     created = int(time.time())
 
     @router.get("/v1/models", response_model=ModelList)
     def models() -> ModelList:
-        """The one model this server serves."""
-        return ModelList(data=[ModelCard(id=ctx.model_name, created=created)])
+        """The one model this server serves (`decode_step`: as in /health)."""
+        return ModelList(data=[ModelCard(id=ctx.model_name, created=created, decode_step=status.info())])
 
     @router.post(
         "/v1/completions",

@@ -174,11 +174,24 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class DecodeStepInfo(BaseModel):
+    """Which decode step the engine runs now, and where the compiled one stands
+    (server/stepbuild.py): `state` is "building", "ready", "not compiled: <why>" or
+    "failed: <why>"; `build_seconds` (from start-up to the swap) and `rows_at_swap` (rows
+    in flight that went on with the new step) once a background build is in use."""
+
+    in_use: Literal["eager", "compiled"]
+    state: str
+    build_seconds: float | None = None
+    rows_at_swap: int | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "gpt2kit"
+    decode_step: DecodeStepInfo | None = None  # gpt2kit's own field; OpenAI clients keep it as an extra
 
 
 class ModelList(BaseModel):
@@ -191,6 +204,7 @@ class Health(BaseModel):
     model: str
     requests_in_flight: int
     auth_required: bool
+    decode_step: DecodeStepInfo | None = None
 
 
 class ErrorDetail(BaseModel):

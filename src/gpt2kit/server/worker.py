@@ -8,9 +8,10 @@ With `batching=False` the worker serves one request at a time (the baseline of
 benchmarks/bench_serve.py).
 
 The engine thread owns everything the engine touches. The event loop only sends it
-messages under one lock: new requests, cancellations (`Request.cancel`) and jobs (`call`:
+messages under one lock: new requests, cancellations (`Request.cancel`), jobs (`call`:
 the Explorer's forward passes, run between decode steps within `TimeShare`'s rule, on the
-engine thread's own OpenMP team). A request's rows and its cancelled flag are read and
+engine thread's own OpenMP team) and a new decode step (`use_step`: a compiled step built
+while the server ran, swapped in between two engine steps; rows in flight go on with it). A request's rows and its cancelled flag are read and
 written on the engine thread alone, so a cancel can't miss a row added beside it.
 
 If the engine thread fails (anything raised outside one request's `Engine.add` or one
@@ -138,6 +139,7 @@ class Worker:
         self._inbox: deque[Request] = deque()  # submitted, not yet handed to the engine
         self._cancels: deque[tuple[Request, Row | None]] = deque()  # for the engine thread
         self._jobs: deque[_Job] = deque()  # waiting for the engine thread
+        self._swaps: deque[tuple[DecodeStep, Future]] = deque()  # new decode steps, likewise
         self._requests: set[Request] = set()  # submitted and not finished
         self._stopped = False
         self._failure: str | None = None
@@ -192,6 +194,17 @@ class Worker:
             self._jobs.append(job)
             self._cond.notify()
         return job.future
+
+    def use_step(self, step: DecodeStep) -> Future[int]:
+        """Decode with `step` from the engine's next step on, without stopping: requests in
+        flight go on with it. The future gets the number of rows that were running at the
+        swap, or the ConfigError of a step that can't run on the engine's cache (`Engine.use_step`)."""
+        future: Future[int] = Future()
+        with self._cond:
+            self._check_available()
+            self._swaps.append((step, future))
+            self._cond.notify()
+        return future
 
     def _check_available(self) -> None:
         """Raise WorkerUnavailable if the engine thread can't take work (called holding the lock)."""
@@ -251,15 +264,26 @@ class Worker:
     def _loop(self, owners: dict[Row, Request]) -> None:
         while True:
             with self._cond:
-                while not (self._stopped or self._inbox or self._cancels or self._jobs or self.engine.busy):
+                while not (
+                    self._stopped
+                    or self._inbox
+                    or self._cancels
+                    or self._jobs
+                    or self._swaps
+                    or self.engine.busy
+                ):
                     self._cond.wait()
                 if self._stopped:
                     return
+                swaps = list(self._swaps)
+                self._swaps.clear()
                 admitted = self._take()
                 cancels = list(self._cancels)
                 self._cancels.clear()
                 busy = self.engine.busy or bool(admitted)
                 job = self._jobs.popleft() if self._jobs and self.share.may_run(busy=busy) else None
+            for step, future in swaps:
+                self._swap(step, future)
             for request in admitted:
                 self._add(request, owners)
             for request, row in cancels:
@@ -315,6 +339,15 @@ class Worker:
         request.open = len(request.rows)
         if request.cancelled:
             self._cancel(request, None)
+
+    def _swap(self, step: DecodeStep, future: Future) -> None:
+        try:
+            self.engine.use_step(step)
+        except Exception as e:  # a step that doesn't fit: the engine goes on with its own
+            future.set_exception(e)
+            return
+        self._step = step
+        future.set_result(len(self.engine.rows))
 
     def _cancel(self, request: Request, row: Row | None) -> None:
         if row is not None:
@@ -376,6 +409,8 @@ class Worker:
         with self._cond:
             leftover = set(owners.values()) | self._requests
             jobs = list(self._jobs)
+            swaps = list(self._swaps)
+            self._swaps.clear()
             self._inbox.clear()
             self._cancels.clear()
             self._jobs.clear()
@@ -385,6 +420,8 @@ class Worker:
         for job in jobs:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
+        for _, future in swaps:
+            future.set_exception(error)
 
 
 def _put_all(sink: asyncio.Queue, items: list) -> None:
