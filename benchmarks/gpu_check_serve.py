@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,16 +31,18 @@ from gpu_check_common import SIZES, Results, machine_line, make_model_dir
 
 
 class Server:
-    """`python -m gpt2kit serve` on a free loopback port, its output into this stage's log
-    (a pipe nobody reads would fill and stall it)."""
+    """`python -m gpt2kit serve` on a free loopback port, its output into a file (a pipe
+    nobody reads would fill and stall it), copied into this stage's log when it stops."""
 
     def __init__(self, args: argparse.Namespace, model_dir: Path) -> None:
+        self.log = Path(tempfile.mkstemp(prefix="gpu_check_serve-", suffix=".log")[1])
         self.url = f"http://127.0.0.1:{(port := free_port())}"
         self.cmd = [sys.executable, "-m", "gpt2kit", "serve", "--model", str(model_dir), "--port", str(port)]
         self.cmd += ["--model-name", "bench", "--device", args.device, "--dtype", args.dtype]
         self.cmd += ["--max-batch-size", str(args.clients), "--max-pending", "256", *args.serve_flag]
         print("$ " + " ".join(self.cmd), flush=True)
-        self.proc = subprocess.Popen(self.cmd, stdout=sys.stdout, stderr=sys.stderr)
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT)
 
     def wait_healthy(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -63,6 +67,15 @@ class Server:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        print(f"--- gpt2kit serve's output ---\n{self.output()}--- end ---", flush=True)
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def step_in_use(self) -> str:
+        """What the server's start-up line says it decodes with ("compiled decode step", ...)."""
+        found = re.search(r"serving '[^']*' on \S+ \(([^)]*)\)", self.output())
+        return found.group(1) if found else "not in the server's log"
 
 
 def main() -> None:
@@ -95,13 +108,14 @@ def main() -> None:
         health = httpx.get(f"{server.url}/health", timeout=10).json()
     finally:
         server.stop()
+    step = health.get("step", server.step_in_use())  # /health may name it one day
     figure = (
         f"{r['tokens_per_s']:,.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms / p99 {r['ttft_p99_ms']:.0f} ms"
     )
     check = (
         f"{r['requests']} requests x {args.max_tokens} tokens: {r['errors']} errors, {r['tokens']} tokens; "
         f"token gap p50 {r['itl_p50_ms']:.1f} ms; healthy {up:.1f}s after start; "
-        f"step in use: {health.get('step', 'not reported by /health (see the log)')}"
+        f"decoding with: {step}"
     )
     if r["errors"]:
         check += f"; first error: {r['first_error'][:200]}"
