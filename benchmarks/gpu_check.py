@@ -64,37 +64,50 @@ def gpu_test_files() -> list[str]:
     return [str(p.relative_to(ROOT)) for p in files]
 
 
+# Each stage's size per device: gpt2 124M in bf16 on CUDA, a tiny float32 model on a CPU.
+SIZED = {
+    "cuda": {
+        "decode": "--size gpt2 --dtype bfloat16 --new 128 --prompt 32 --repeats 3",
+        "serve": "--size gpt2 --dtype bfloat16 --requests 32 --max-tokens 128",
+        "train": "--size gpt2 --dtype bfloat16 --batch 32 --block 1024 --warmup 10 --steps 40 --compile",
+    },
+    "cpu": {
+        "decode": "--size tiny --dtype float32 --new 16 --prompt 8 --repeats 1",
+        "serve": "--size tiny --dtype float32 --requests 8 --max-tokens 16",
+        "train": "--size tiny --dtype float32 --batch 4 --block 64 --warmup 2 --steps 4 --log-every 1",
+    },
+}
+
+
 def plan(args: argparse.Namespace, work: Path) -> list[Stage]:
     """The stages to run, with their exact commands, sized for the device."""
-    py, cuda = args.python, args.device == "cuda"
-    model = ["--model-dir", str(work / "model"), "--size", "gpt2" if cuda else "tiny"]
-    dtype = ["--dtype", "bfloat16" if cuda else "float32", "--device", args.device]
-    commands = {
-        "tests": [py, "-m", "pytest", "-m", "gpu", *gpu_test_files(), "-q", "-rs", "-p", "no:cacheprovider"],
-        "decode": [py, "benchmarks/gpu_check_decode.py", *dtype, *model, "--variants", args.decode_variants]
-        + (
-            ["--new", "128", "--prompt", "32", "--repeats", "3"]
-            if cuda
-            else ["--new", "16", "--prompt", "8", "--repeats", "1"]
-        ),
-        "serve": [py, "benchmarks/gpu_check_serve.py", *dtype, *model, "--clients", "8"]
-        + (
-            ["--requests", "32", "--max-tokens", "128"] if cuda else ["--requests", "8", "--max-tokens", "16"]
-        ),
-        "train": [py, "benchmarks/gpu_check_train.py", *dtype, "--size", "gpt2" if cuda else "tiny"]
-        + (
-            ["--batch", "32", "--block", "1024", "--warmup", "10", "--steps", "40", "--compile"]
-            if cuda
-            else ["--batch", "4", "--block", "64", "--warmup", "2", "--steps", "4", "--log-every", "1"]
-        )
-        + (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []),
-    }
     budgets = BUDGETS[args.device] | dict(args.budget)
+    model = ["--model-dir", str(work / "model")]  # one random model for decode and serve
+    extra = {
+        "decode": [*model, "--variants", args.decode_variants],
+        "serve": [*model, "--clients", "8"],
+        "train": ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [],
+    }
     stages = []
     for name in args.only:
-        command = commands[name]
-        if name != "tests":
-            command = [*command, "--result", str(work / f"{name}.jsonl")]
+        if name == "tests":
+            files = gpu_test_files()
+            command = [
+                args.python,
+                "-m",
+                "pytest",
+                "-m",
+                "gpu",
+                *files,
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+            ]
+        else:
+            command = [args.python, f"benchmarks/gpu_check_{name}.py", "--device", args.device]
+            command += [*SIZED[args.device][name].split(), *extra[name]]
+            command += ["--result", str(work / f"{name}.jsonl")]
         stages.append(Stage(name, command, budgets[name]))
     return stages
 

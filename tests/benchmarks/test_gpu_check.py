@@ -52,9 +52,9 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # The exact commands, as the GPU run would start them.
     assert "-m pytest -m gpu tests/" in proc.stdout
-    for script in ("gpu_check_decode.py", "gpu_check_serve.py", "gpu_check_train.py"):
-        assert f"benchmarks/{script} --dtype bfloat16 --device cuda" in proc.stdout
-    assert "--size gpt2" in proc.stdout and "--compile" in proc.stdout
+    for stage in ("decode", "serve", "train"):
+        assert f"benchmarks/gpu_check_{stage}.py --device cuda --size gpt2 --dtype bfloat16" in proc.stdout
+    assert "--batch 32 --block 1024 --warmup 10 --steps 40 --compile" in proc.stdout
     rows = by_stage(summary)
     assert list(rows) == STAGES
     assert all(r["status"] == "SKIP" and "dry run" in r["check"] for s in STAGES[1:] for r in rows[s])
