@@ -136,7 +136,7 @@ def decode_rate(fn: Callable[[int], object], *, new: int, rows: int) -> float:
     t0 = time.perf_counter()
     fn(new)
     t_total = time.perf_counter() - t0
-    return rows * (new - 1) / max(t_total - t_prefill, 1e-9)
+    return rows * (new - 1) / (t_total - t_prefill) if t_total > t_prefill else float("nan")
 
 
 Run = Callable[[int], list[list[int]]]  # n -> each row's n new tokens
@@ -392,7 +392,8 @@ def print_table(
     header = f"{'system':<26} {'best':>8} {'median':>8} {'agree':>10}"
     header += "".join(f" {'vs ' + p:>20}" for p in ratio_peers) + f" {'of bound':>9}  own figure"
     print(header)
-    for name, r in rates.items():
+    for name, all_rates in rates.items():
+        r = [x for x in all_rates if x == x] or [float("nan")]  # nan: a run whose decode took no time
         agree = "{}/{}".format(*peers.agreement(tokens[name], ref)) if ref and name in tokens else "-"
         ratios = "".join(f" {max(r) / max(rates[p]):>19.2f}x" for p in ratio_peers)
         fmt = peers.weight_format(name)

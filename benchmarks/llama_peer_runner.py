@@ -103,7 +103,8 @@ def main() -> None:
             t_new = time.perf_counter() - t0
             perf = lib.llama_perf_context(llm.ctx)
             own = perf.n_eval / (perf.t_eval_ms / 1000) if perf.t_eval_ms > 0 else float("nan")
-            print(f"{(req['new'] - 1) / max(t_new - t_1, 1e-9)} {own}", file=reply, flush=True)
+            rate = (req["new"] - 1) / (t_new - t_1) if t_new > t_1 else float("nan")
+            print(f"{rate} {own}", file=reply, flush=True)
         elif command == "tokens":
             print(json.dumps([run(req["new"])]), file=reply, flush=True)
 

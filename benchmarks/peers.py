@@ -126,11 +126,15 @@ def vllm_missing(args: argparse.Namespace) -> str | None:
     return None
 
 
+# CTranslate2 dispatches on its own (not torch's) CPU probe; this caps it (its docs: "CPU ISA").
+CT2_ISA = {"native": {}, "avx512": {"CT2_FORCE_CPU_ISA": "AVX512"}, "avx2": {"CT2_FORCE_CPU_ISA": "AVX2"}}
+
+
 def level_env(level: str) -> dict[str, str]:
-    """The level's variables (CPU_LEVELS) for a child process."""
+    """The level's variables (CPU_LEVELS, and CTranslate2's ISA cap) for a child process."""
     from gpt2kit.device import CPU_LEVELS
 
-    return dict(CPU_LEVELS[level])
+    return {**CPU_LEVELS[level], **CT2_ISA[level]}
 
 
 def vllm_env(args: argparse.Namespace) -> dict[str, str]:
@@ -167,7 +171,7 @@ def level_note(level: str) -> str:
         if level == "avx2"
         else "; its own kernels (_C) still use what the hardware has"
     )
-    return f"level {level}: gpt2kit, transformers and CTranslate2's torch side get {caps}; {llama}; {vllm}"
+    return f"level {level}: every process gets {caps} (torch, oneDNN, MKL, inductor; CTranslate2's own ISA); {llama}; {vllm}"
 
 
 def _tcmalloc() -> str | None:

@@ -71,10 +71,13 @@ def main() -> None:
         outs = llm.generate(prompts, params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()  # the choice its workers made, with the same environment
     kernels = loaded_kernels()
     print(f"vLLM {vllm.__version__} up in {time.perf_counter() - t0:.1f}s; torch capability "
           f"{torch.backends.cpu.get_cpu_capability()}, avx512 reported {torch.cpu._is_avx512_supported()} "
-          f"(vLLM kernels loaded here: {kernels or 'none yet'})", file=reply, flush=True)  # fmt: skip
+          f"(vLLM kernels: {kernels})", file=reply, flush=True)  # fmt: skip
     for line in sys.stdin:
         command = line.strip()
         if command == "warm":
@@ -88,7 +91,8 @@ def main() -> None:
             t0 = time.perf_counter()
             run(req["new"])
             t_new = time.perf_counter() - t0
-            print(len(rows) * (req["new"] - 1) / max(t_new - t_1, 1e-9), file=reply, flush=True)
+            rate = len(rows) * (req["new"] - 1) / (t_new - t_1) if t_new > t_1 else float("nan")
+            print(rate, file=reply, flush=True)
         elif command == "tokens":
             print(json.dumps(run(req["new"])), file=reply, flush=True)
 
