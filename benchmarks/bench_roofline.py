@@ -24,6 +24,9 @@ Candidates (x: the one-row activation):
 - int8dyn: the activation quantized per row, `torch._int_mm` (oneDNN), rescaled: the
   int8-dynamic scheme's products, eager;
 - int8dyn-compiled / int8wo-bf16-compiled: torchao's two schemes through inductor (--compiled).
+  Caveat, measured 2026-12-04: these compiled candidates do not yet reproduce the step (their
+  weights are not frozen: inductor recomputes int8's u8s8 compensation, a sum over the
+  weight, every call), so their figures are far below the step's; use them only after fixing that.
 
     python benchmarks/bench_roofline.py                       # this CPU's own level
     python benchmarks/bench_roofline.py --level avx2          # a child process under the AVX2 level
