@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import sys
-import time
 
 import llama_cpp
 import llama_cpp.llama_cpp as lib
 import numpy as np
+
+from peer_protocol import answers, decode_rate, serve
 
 
 def load(req: dict) -> llama_cpp.Llama:
@@ -51,15 +51,6 @@ def load(req: dict) -> llama_cpp.Llama:
     )
 
 
-def answers() -> object:
-    """The protocol's own stdout; fd 1 becomes stderr, so whatever the engine (or a process it
-    spawns) prints goes there instead of into the answers."""
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return out
-
-
 def main() -> None:
     req = json.loads(sys.argv[1])
     reply = answers()
@@ -72,14 +63,21 @@ def main() -> None:
         ptr = lib.llama_get_logits_ith(llm.ctx, -1)
         return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
 
-    def run(n: int) -> list[int]:
+    def run(n: int) -> list[list[int]]:
         llm.reset()
         llm.eval(prompt)
         out = [int(np.argmax(logits()))]
         for _ in range(n - 1):
             llm.eval([out[-1]])
             out.append(int(np.argmax(logits())))
-        return out
+        return [out]
+
+    def rate() -> str:
+        reset = lambda: lib.llama_perf_context_reset(llm.ctx)  # noqa: E731
+        wall = decode_rate(run, rows=1, new=req["new"], before=reset)
+        perf = lib.llama_perf_context(llm.ctx)
+        own = perf.n_eval / (perf.t_eval_ms / 1000) if perf.t_eval_ms > 0 else float("nan")
+        return f"{wall} {own}"
 
     info = lib.llama_print_system_info().decode().strip().rstrip("|").strip()
     print(
@@ -87,26 +85,7 @@ def main() -> None:
         file=reply,
         flush=True,
     )
-    for line in sys.stdin:
-        command = line.strip()
-        if command == "warm":
-            run(4)
-            print("ok", file=reply, flush=True)
-        elif command == "rate":
-            run(1)  # untimed: pages dropped while the other systems ran come back first
-            t0 = time.perf_counter()
-            run(1)
-            t_1 = time.perf_counter() - t0
-            lib.llama_perf_context_reset(llm.ctx)
-            t0 = time.perf_counter()
-            run(req["new"])
-            t_new = time.perf_counter() - t0
-            perf = lib.llama_perf_context(llm.ctx)
-            own = perf.n_eval / (perf.t_eval_ms / 1000) if perf.t_eval_ms > 0 else float("nan")
-            rate = (req["new"] - 1) / (t_new - t_1) if t_new > t_1 else float("nan")
-            print(f"{rate} {own}", file=reply, flush=True)
-        elif command == "tokens":
-            print(json.dumps([run(req["new"])]), file=reply, flush=True)
+    serve(reply, run=run, rate=rate, new=req["new"])
 
 
 if __name__ == "__main__":

@@ -18,19 +18,11 @@ spawns its engine process.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-
-def answers() -> object:
-    """The protocol's own stdout; fd 1 becomes stderr, so whatever the engine (or a process it
-    spawns) prints goes there instead of into the answers."""
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return out
+from peer_protocol import answers, decode_rate, serve
 
 
 def loaded_kernels() -> str:
@@ -78,23 +70,7 @@ def main() -> None:
     print(f"vLLM {vllm.__version__} up in {time.perf_counter() - t0:.1f}s; torch capability "
           f"{torch.backends.cpu.get_cpu_capability()}, avx512 reported {torch.cpu._is_avx512_supported()} "
           f"(vLLM kernels: {kernels})", file=reply, flush=True)  # fmt: skip
-    for line in sys.stdin:
-        command = line.strip()
-        if command == "warm":
-            run(4)
-            print("ok", file=reply, flush=True)
-        elif command == "rate":
-            run(1)  # untimed: pages dropped while the other systems ran come back first
-            t0 = time.perf_counter()
-            run(1)
-            t_1 = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            run(req["new"])
-            t_new = time.perf_counter() - t0
-            rate = len(rows) * (req["new"] - 1) / (t_new - t_1) if t_new > t_1 else float("nan")
-            print(rate, file=reply, flush=True)
-        elif command == "tokens":
-            print(json.dumps(run(req["new"])), file=reply, flush=True)
+    serve(reply, run=run, rate=lambda: str(decode_rate(run, rows=len(rows), new=req["new"])), new=req["new"])
 
 
 if __name__ == "__main__":
