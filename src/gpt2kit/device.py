@@ -22,6 +22,7 @@ torch.float32
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -94,6 +95,26 @@ def cpu_features() -> dict[str, Any]:
     }
 
 
+def usable_cpu_features() -> dict[str, Any]:
+    """`cpu_features()` less what this process's CPU level (`CPU_LEVELS`) keeps torch's kernels
+    from using: every AVX-512 and AMX flag when torch runs at its AVX2 (or lower) capability,
+    AMX when oneDNN is capped below it. Choices made from these flags (the int8 scheme, the
+    automatic dtype) then fit the kernels that will run: at the avx2 level of an AVX-512
+    VNNI CPU, oneDNN's int8 products saturate pairs of products (docs/numerics.md), so the
+    int8 x int8 scheme must not be picked there.
+    """
+    f = cpu_features()
+    capability = torch.backends.cpu.get_cpu_capability()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if capability in ("AVX2", "DEFAULT", "AVX") or not onednn.startswith(
+        ("AVX512", "AVX10", "ALL", "DEFAULT")
+    ):
+        f = {k: v for k, v in f.items() if not k.startswith(("avx512", "amx"))}
+    elif "AMX" not in onednn and onednn not in ("ALL", "DEFAULT"):
+        f = {k: v for k, v in f.items() if not k.startswith("amx")}
+    return f
+
+
 def cpu_level_missing(level: str) -> str | None:
     """Why this CPU can't run at `level` (a `CPU_LEVELS` name), in words; None when it can.
 
@@ -108,8 +129,9 @@ def cpu_level_missing(level: str) -> str | None:
 
 
 def cpu_bf16() -> str | None:
-    """The CPU's native bf16 instructions (e.g. "AVX512-BF16"), or None when it has none."""
-    f = cpu_features()
+    """The CPU's native bf16 instructions (e.g. "AVX512-BF16"), or None when it has none
+    or this process's CPU level caps them off (`usable_cpu_features`)."""
+    f = usable_cpu_features()
     if f.get("amx_bf16") or f.get("amx_tile"):
         return "AMX"
     if f.get("avx512_bf16"):
@@ -120,8 +142,9 @@ def cpu_bf16() -> str | None:
 
 
 def cpu_int8() -> str | None:
-    """The CPU's int8 dot-product instructions (e.g. "AVX512-VNNI"), or None when it has none."""
-    f = cpu_features()
+    """The CPU's int8 dot-product instructions (e.g. "AVX512-VNNI"), or None when it has none
+    or this process's CPU level caps them off (`usable_cpu_features`)."""
+    f = usable_cpu_features()
     if f.get("amx_int8"):
         return "AMX-INT8"
     if f.get("avx512_vnni"):
