@@ -7,7 +7,10 @@ machine runs the tests; torch itself is never mocked.
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -235,3 +238,40 @@ def test_no_module_asks_torch_for_the_device_or_compares_device_names() -> None:
         if asks.search(line) or compares.search(line)
     ]
     assert not found, found
+
+
+@pytest.mark.parametrize(
+    ("capability", "onednn", "bf16", "int8"),
+    [
+        ("AVX512", None, "AMX", "AMX-INT8"),  # native
+        ("AVX512", "AVX512_CORE_BF16", "AVX512-BF16", "AVX512-VNNI"),  # the avx512 level: AMX off
+        ("AVX2", "AVX2", None, None),  # the avx2 level: no AVX-512, no AMX
+        ("AVX512", "AVX2_VNNI", None, None),  # oneDNN alone capped to AVX2 (this CPU has no AVX-VNNI)
+    ],
+)
+def test_the_cpu_level_caps_what_the_probes_report(
+    monkeypatch: pytest.MonkeyPatch, capability: str, onednn: str | None, bf16: str | None, int8: str | None
+) -> None:
+    """A process capped to a level (`CPU_LEVELS`) reports what its kernels may use, so that
+    `dtype="auto"` and the int8 scheme are chosen as on a CPU of that level."""
+    sapphire_rapids = {"avx2": True, "avx512_f": True, "avx512_vnni": True, "avx512_bf16": True}
+    sapphire_rapids |= {"amx_tile": True, "amx_bf16": True, "amx_int8": True}
+    monkeypatch.setattr(dev, "cpu_features", lambda: sapphire_rapids)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    if onednn is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
+    assert dev.cpu_bf16() == bf16 and dev.cpu_int8() == int8
+    assert dev.cpu_features() == sapphire_rapids  # the hardware itself is still reported as it is
+
+
+def test_a_capped_child_process_picks_float32_and_weight_only() -> None:
+    code = (
+        "from gpt2kit.device import auto_dtype; from gpt2kit.model.quantize import pick_scheme; "
+        "print(auto_dtype('cpu')[0], pick_scheme('cpu')[0])"
+    )
+    env = {**os.environ, **dev.CPU_LEVELS["avx2"]}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["torch.float32", "int8-weight-only"]
