@@ -1,7 +1,7 @@
 """Where a compiled decode step's time goes, kernel by kernel, grouped by layer.
 
-Builds the one-row compiled step of the random gpt2 124M (bench_generate's folder) in a
-precision, with inductor's kernel profiling on (`cpp.enable_kernel_profile`: every
+Builds the compiled step of the random gpt2 124M (bench_generate's folder) for `--rows`
+rows (1: the one-row step; 8: the server's batch step) in a precision, with inductor's kernel profiling on (`cpp.enable_kernel_profile`: every
 generated kernel records itself to `torch.profiler`; its GEMMs are attributed by their
 weight shape: c_attn, attn.c_proj, c_fc, mlp.c_proj, lm_head), runs `--steps` decode steps
 at position `--position` under the profiler, and prints per group: milliseconds per step,
@@ -12,6 +12,7 @@ are printed with it.
 
     python benchmarks/bench_step_profile.py --precision int8bf16
     python benchmarks/bench_step_profile.py --precision bf16 --level avx2   # a child process at that level
+    python benchmarks/bench_step_profile.py --precision bf16 --rows 8       # the step serving 8 clients
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="int8bf16")
     p.add_argument("--level", default="native", help="a gpt2kit.device.CPU_LEVELS name")
+    p.add_argument("--rows", type=int, default=1, help="rows per step (the step's batch)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--position", type=int, default=96)
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "gpt2kit-bench"))
@@ -64,7 +66,7 @@ def profile(args: argparse.Namespace) -> None:
         make_model_dir(folder)
     dtype, quantize = PRECISIONS[args.precision]
     model = GPT2.from_pretrained(folder, dtype=dtype, quantize=quantize).eval()
-    print(machine(), f"level {args.level}", f"precision {args.precision}", sep="; ")
+    print(machine(), f"level {args.level}", f"precision {args.precision}", f"rows {args.rows}", sep="; ")
     options = build._options
 
     def profiled(device, m):  # the step's own options, and its kernels recording themselves
@@ -73,15 +75,17 @@ def profile(args: argparse.Namespace) -> None:
     build._options = profiled
     with tempfile.TemporaryDirectory() as cache:
         t = time.perf_counter()
-        step = compiled_step(model, slots=1, max_len=1024, build=True, cache_dir=cache, exact=True)
-        print(f"profiled one-row step built in {time.perf_counter() - t:.0f}s")
+        n = args.rows
+        step = compiled_step(model, slots=n, max_len=1024, build=True, cache_dir=cache, exact=n == 1)
+        print(f"profiled {n}-row step built in {time.perf_counter() - t:.0f}s")
         c = model.config
         k = [
-            torch.zeros(1, c.n_head, 1024, c.head_size, dtype=model.wte.weight.dtype)
+            torch.zeros(n, c.n_head, 1024, c.head_size, dtype=model.wte.weight.dtype)
             for _ in range(c.n_layer)
         ]
         v = [torch.zeros_like(x) for x in k]
-        idx, pos = torch.tensor([[464]]), torch.tensor([args.position])
+        idx = torch.full((n, 1), 464)
+        pos = torch.arange(args.position, args.position + n)  # rows at their own positions
         with torch.inference_mode():
             for _ in range(5):
                 step(idx, pos, k, v)
@@ -131,7 +135,7 @@ def report(prof, args: argparse.Namespace, plain: float, size: int) -> None:
         names[group].add(re.sub(r"_\d+$", "", e.name)[:48])
     total = sum(per_group.values())
     print(
-        f"\nplain step {plain * 1e3:.2f} ms ({1 / plain:.1f} tokens/s); profiled kernels {total:.2f} ms per step"
+        f"\nplain step {plain * 1e3:.2f} ms ({args.rows / plain:.1f} tokens/s); profiled kernels {total:.2f} ms per step"
     )
     if per_step != expected:
         print(f"({per_step} GEMM kernels per step, not {expected}: not attributed to layers)")

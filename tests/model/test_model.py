@@ -116,6 +116,27 @@ def test_prefill_then_decode_steps_equal_the_full_forward() -> None:
                 torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
 
 
+def test_decode_step_over_a_span_writes_the_whole_cache_and_reads_its_first_positions() -> None:
+    # The compiled step passes whole caches and a span (writing into a slice of its input
+    # cost a copy per layer): same logits as the caches cut to the span, same cache.
+    model = tiny_model(seed=3)
+    cfg = model.config
+    g = torch.Generator().manual_seed(3)
+    k = [torch.randn(3, cfg.n_head, 24, cfg.head_size, generator=g) for _ in range(cfg.n_layer)]
+    v = [torch.randn(3, cfg.n_head, 24, cfg.head_size, generator=g) for _ in range(cfg.n_layer)]
+    k2, v2 = [t.clone() for t in k], [t.clone() for t in v]
+    before = k[0].clone()
+    idx, pos = torch.tensor([[5], [9], [1]]), torch.tensor([3, 10, 15])
+    with torch.no_grad():
+        spanned = model.decode_step(idx, pos, k, v, span=16)
+        cut = model.decode_step(idx, pos, [t[:, :, :16] for t in k2], [t[:, :, :16] for t in v2])
+    torch.testing.assert_close(spanned, cut, atol=0, rtol=0)
+    for a, b in zip(k + v, k2 + v2, strict=True):
+        assert torch.equal(a, b)  # the new keys and values written in place, nothing else moved
+    assert not torch.equal(k[0][0, :, 3], before[0, :, 3])  # row 0's key went to its position
+    assert torch.equal(k[0][:, :, 16:], before[:, :, 16:])  # past the span: untouched
+
+
 def test_last_only_returns_the_last_position() -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (2, 9))

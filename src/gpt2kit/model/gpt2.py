@@ -63,6 +63,11 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = _write(cache, k, v, input_pos)  # (B, nh, L, hs)
+            if input_pos is not None:
+                # Written into the whole cache first, read over the mask's span after: a write
+                # into a slice of a compiled step's input cost a copy of that slice, twice, per
+                # layer (benchmarks/README.md, "The 8-row step").
+                k, v = k[:, :, : attn_mask.shape[-1]], v[:, :, : attn_mask.shape[-1]]
         if input_pos is not None and torch.compiler.is_compiling():
             # Written out, so that inductor fuses it into its own loops: for one query the CPU
             # flash kernel's fixed cost per call was ~12% of a gpt2 step. Eager, the one fused
@@ -334,17 +339,23 @@ class GPT2(nn.Module):
         return self.hidden_states(idx, positions, None, True, caches)
 
     def decode_step(
-        self, idx: Tensor, input_pos: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]
+        self,
+        idx: Tensor,
+        input_pos: Tensor,
+        k_cache: list[Tensor],
+        v_cache: list[Tensor],
+        span: int | None = None,
     ) -> Tensor:
         """Logits (B, V) of one new token per row, row b at its own position `input_pos[b]`.
 
         `idx` (B, 1) the tokens, `input_pos` (B,) int64, `k_cache[i]`/`v_cache[i]` (B, nh, L, hs)
         layer i's cache. Row b's key and value are written at `input_pos[b]`, and it attends to
         its own positions 0..input_pos[b] only: rows are independent, so a row can join or
-        leave a batch (a cache slot) without any tensor changing shape. This is the function
-        the compiled step compiles (`gpt2kit.model.compiled`).
+        leave a batch (a cache slot) without any tensor changing shape. `span`: attend over
+        the first `span` positions only (all L by default; every input_pos[b] < span). This
+        is the function the compiled step compiles (`gpt2kit.model.compiled`).
         """
-        L = k_cache[0].shape[2]
+        L = k_cache[0].shape[2] if span is None else span
         written = torch.arange(L, device=idx.device)[None, :] <= input_pos[:, None]  # (B, L)
         attn_mask = written[:, None, None, :]  # (B, 1, 1, L)
         caches = list(zip(k_cache, v_cache, strict=True))

@@ -46,9 +46,9 @@ class StepGraph(nn.Module):
     ) -> Tensor:
         n = span.shape[0]
         torch._check(n < k_cache[0].shape[2])
-        k = [t[:, :, :n] for t in k_cache]  # (b, nh, n, hs)
-        v = [t[:, :, :n] for t in v_cache]
-        return self.model.decode_step(idx, input_pos, k, v)
+        # The whole caches go in, so the new keys and values are written into the step's
+        # inputs themselves (in place); the attention reads their first n positions.
+        return self.model.decode_step(idx, input_pos, k_cache, v_cache, span=n)
 
 
 def build_library(model: GPT2, slots: int, folder: Path, phase: Callable[[str], None]) -> Path:
