@@ -591,6 +591,29 @@ def test_bf16_step_matches_eager(tmp_path) -> None:
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
+def test_an_int8_build_asks_inductor_for_its_general_gemm_template() -> None:
+    # Inductor's small-M variant read gpt2's int8 layers at 22-27 GB/s, its general
+    # template at 29-34 (benchmarks/README.md): a weight-only build answers the variant's
+    # predicate False, and puts it back after; other builds leave inductor as it is.
+    import torch._inductor.select_algorithm  # noqa: F401
+    from torch._inductor.codegen import cpp_gemm_template, cpp_micro_gemm
+
+    from gpt2kit.model.compiled import build
+    from gpt2kit.model.quantize import quantize_int8
+
+    name = "is_int8_woq_gemm_small_m_dim_corner_case"
+    modules = (cpp_micro_gemm, cpp_gemm_template)
+    original = [getattr(m, name) for m in modules]
+    assert all(f is not None for f in original), "inductor renamed the predicate: see build._general_int8_gemm"
+    int8 = tiny_model(seed=SEED)
+    quantize_int8(int8, scheme="int8-weight-only")
+    with build._general_int8_gemm(int8):
+        assert all(getattr(m, name)(None, 1, 3072, 768) is False for m in modules)
+    assert [getattr(m, name) for m in modules] == original
+    with build._general_int8_gemm(tiny_model(seed=SEED)):
+        assert [getattr(m, name) for m in modules] == original
+
+
 @pytest.mark.slow
 def test_int8_step_matches_eager(tmp_path) -> None:
     from gpt2kit.model.quantize import quantize_int8

@@ -66,7 +66,7 @@ def build_library(model: GPT2, slots: int, folder: Path, phase: Callable[[str], 
             with _quiet():
                 program = _export(model, slots)
             phase("compiling the decode step with AOTInductor (minutes, once per model and machine)")
-            with _quiet():
+            with _quiet(), _general_int8_gemm(model):
                 package = torch._inductor.aoti_compile_and_package(
                     program, package_path=str(folder / "step.pt2"), inductor_configs=_options(device, model)
                 )
@@ -188,6 +188,40 @@ def _quiet() -> Iterator[None]:
     finally:
         if out.getvalue():
             log.debug("%s", out.getvalue())
+
+
+@contextlib.contextmanager
+def _general_int8_gemm(model: nn.Module) -> Iterator[None]:
+    """For a weight-only int8 model, inductor's general C++ GEMM template for every layer.
+
+    Inductor gives an int8 x bf16 product with few rows, and N and K multiples of its
+    blocking, a variant of the template of its own ("small M"): every gpt2 layer gets it,
+    the lm_head (N = 50257) does not. Measured on the one-row step of gpt2 124M
+    (benchmarks/README.md, "int8: the general template for every layer"): the layers read
+    their weights at 22-27 GB/s with the variant and 29-34 GB/s with the general template,
+    at the avx2 and native levels. The variant is picked by one predicate in two inductor
+    modules; it is answered False for the build, and put back after. A torch without that
+    predicate builds as it would anyway."""
+    if getattr(model, "quantization", None) != "int8-weight-only":
+        yield
+        return
+    import torch._inductor.select_algorithm  # noqa: F401  (the template modules import it first)
+    from torch._inductor.codegen import cpp_gemm_template, cpp_micro_gemm
+
+    name = "is_int8_woq_gemm_small_m_dim_corner_case"
+    modules = [m for m in (cpp_micro_gemm, cpp_gemm_template) if hasattr(m, name)]
+    saved = [getattr(m, name) for m in modules]
+    for m in modules:
+        setattr(m, name, _never)
+    try:
+        yield
+    finally:
+        for m, f in zip(modules, saved, strict=True):
+            setattr(m, name, f)
+
+
+def _never(*args: object, **kwargs: object) -> bool:
+    return False
 
 
 @contextlib.contextmanager
