@@ -604,7 +604,9 @@ def test_an_int8_build_asks_inductor_for_its_general_gemm_template() -> None:
     name = "is_int8_woq_gemm_small_m_dim_corner_case"
     modules = (cpp_micro_gemm, cpp_gemm_template)
     original = [getattr(m, name) for m in modules]
-    assert all(f is not None for f in original), "inductor renamed the predicate: see build._general_int8_gemm"
+    assert all(f is not None for f in original), (
+        "inductor renamed the predicate: see build._general_int8_gemm"
+    )
     int8 = tiny_model(seed=SEED)
     quantize_int8(int8, scheme="int8-weight-only")
     with build._general_int8_gemm(int8):
