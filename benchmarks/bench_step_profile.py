@@ -1,9 +1,10 @@
 """Where a compiled decode step's time goes, kernel by kernel, grouped by layer.
 
 Builds the compiled step of the random gpt2 124M (bench_generate's folder) for `--rows`
-rows (1: the one-row step; 8: the server's batch step) in a precision, with inductor's kernel profiling on (`cpp.enable_kernel_profile`: every
-generated kernel records itself to `torch.profiler`; its GEMMs are attributed by their
-weight shape: c_attn, attn.c_proj, c_fc, mlp.c_proj, lm_head), runs `--steps` decode steps
+rows (1: the one-row step; 8: the server's batch step) in a precision, with inductor's
+kernel profiling on (`cpp.enable_kernel_profile`: every generated kernel records itself to
+`torch.profiler`; its GEMMs are attributed by the order they run: c_attn, attn.c_proj,
+c_fc, mlp.c_proj per block, then the lm_head), runs `--steps` decode steps
 at position `--position` under the profiler, and prints per group: milliseconds per step,
 share of the step, and for the GEMMs the bandwidth their weights were read at. The
 profiled build goes to a temporary step cache (the profiling hooks cost time of their own,

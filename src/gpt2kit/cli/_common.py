@@ -33,9 +33,10 @@ AUTO_DTYPE = (
 )
 QUANTIZE_HELP = (
     "int8 weights, 4x smaller than float32 and up to 2.5x faster to decode on CPU. int8 picks "
-    "int8-weight-only (ATen's weight-only kernel, bf16 products; compiled agrees with eager to "
-    "the numerics bounds, and greedy tokens may part at a near-tie); int8-dynamic quantizes the activations too (int8 x int8 products, fast only "
-    "with --compile on CPUs with VNNI/AMX)"
+    "int8-weight-only (ATen's weight-only kernel, bf16 products; compiled agrees with eager "
+    "to the numerics bounds, and greedy tokens may part at a near-tie); int8-dynamic "
+    "quantizes the activations too (int8 x int8 products, fast only with --compile on CPUs "
+    "with VNNI/AMX)"
 )
 
 
