@@ -17,8 +17,12 @@ them (a neighbouring token sits just past the drawn uniform number): CPU kernels
 blocking, vector tails and thread split from the shapes they are called with, and a GEMM
 with M = 1 row sums in another order than one with M = 8. Two measures make a row's tokens
 depend only on its prompt, its config and its seed, bit for bit (docs/generation.md):
-- always: each prompt is prefilled alone, at its own length (no padding to a batch's
-  longest prompt), so its kernels see shapes that depend on that prompt only;
+- always: each prompt is prefilled at its own length (no padding to a batch's longest
+  prompt), so its kernels see shapes that depend on that prompt only. A long-lived engine
+  (`packed=True`, the server's) prefills the prompts admitted in one step together, as one
+  unpadded sequence, where it checked at start that the matrix products then give each
+  prompt the same bits as alone (`prefill_together_is_exact`); attention still runs per
+  prompt at its own length;
 - with `deterministic=True`: every decode call has the same shape, `DECODE_ROWS` rows
   (free slots run a dummy row; more rows run as several calls), and attention is computed
   by kernels whose result for a row depends neither on its slot nor on the attended span
@@ -36,6 +40,7 @@ run the model for the rows still going) and returns what happened as events.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +56,7 @@ from gpt2kit.generation.config import SamplingConfig, row_generator, uniforms
 from gpt2kit.generation.processors import History, next_tokens
 from gpt2kit.model.compiled import decode_step
 from gpt2kit.model.gpt2 import GPT2, use_decode_layout
+from gpt2kit.model.packed import PackedWeights
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,11 @@ LENGTH_BUCKET = 64
 # whatever the number of running rows (the server's default slots, and the batch the
 # compiled steps are tuned for).
 DECODE_ROWS = 8
+# The prompt tokens prefilled in one pass at most, where prompts are prefilled together: a
+# pass holds up the running rows' next token for its whole length (gpt2 124M bfloat16 on 2
+# cores: 8 prompts of 13 tokens 60 ms together against 124 ms one by one, benchmarks/README.md
+# "Prefill together"), and a longer pass gains nothing once its matrix products are big.
+PREFILL_TOKENS = 256
 
 
 class DecodeStep(Protocol):
@@ -152,6 +163,7 @@ class SlotCache:
         shape = (allocated, config.n_head, max_len, config.head_size)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.n_layer)]
+        self.together = False  # prefill several prompts in one pass (see `prefill`)
 
     def prefill(self, first: int, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
         """Write `prompts` into slots first, first + 1, ...; returns (hidden states (b, T, C)
@@ -160,8 +172,29 @@ class SlotCache:
         Each prompt runs on its own, batch 1 at its own length: padded to a batch's longest
         prompt, a row's GEMMs and attention would have shapes (and so blocking and summation
         orders) that depend on the prompts beside it, and its logits would differ in the
-        last bits (issue 19: a sampled token flipped on an AMX CPU)."""
+        last bits (issue 19: a sampled token flipped on an AMX CPU). With `together` (set by
+        the engine once `prefill_together_is_exact` passed), the prompts run as one sequence
+        of all their tokens, unpadded (`GPT2.prefill(..., lengths)`): each still attends to
+        itself alone at its own length, and only the matrix products, checked to give a row
+        the same bits in any batch, see them together."""
         b, T = len(prompts), max(len(p) for p in prompts)
+        if self.together and b > 1:
+            lengths = [len(p) for p in prompts]
+            ids = torch.tensor([[t for p in prompts for t in p]], dtype=torch.long, device=self.device)
+            k = [t[first : first + b] for t in self.k]
+            v = [t[first : first + b] for t in self.v]
+            flat = self.model.prefill(ids, k, v, lengths)[0]  # (sum(lengths), C)
+            ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+            states = list(flat.split(lengths))
+            logits = self.model.logits(flat[ends])  # (b, V)
+        else:
+            states, logits = self._prefill_each(first, prompts)
+        h = states[0].new_zeros(b, T, states[0].shape[-1])
+        for i, state in enumerate(states):
+            h[i, : state.shape[0]] = state
+        return h, logits
+
+    def _prefill_each(self, first: int, prompts: Sequence[Sequence[int]]) -> tuple[list[Tensor], Tensor]:
         states, logits = [], []
         for i, p in enumerate(prompts):
             ids = torch.tensor([list(p)], dtype=torch.long, device=self.device)  # (1, t)
@@ -170,10 +203,7 @@ class SlotCache:
             h = self.model.prefill(ids, k, v)  # (1, t, C)
             states.append(h[0])
             logits.append(self.model.logits(h[:, -1]))  # (1, V)
-        h = states[0].new_zeros(b, T, states[0].shape[-1])
-        for i, state in enumerate(states):
-            h[i, : state.shape[0]] = state
-        return h, torch.cat(logits)
+        return states, torch.cat(logits)
 
     def decode(self, tokens: Sequence[int] | Tensor, positions: Sequence[int]) -> Tensor:
         """Logits (n, V) after feeding row i (slot i) `tokens[i]` at `positions[i]`."""
@@ -275,6 +305,9 @@ class Engine:
     `deterministic`: decode at one fixed shape, so that a row's tokens are the same bits
     whatever rows run beside it and in whichever slot (see the module docstring); a compiled
     `step` must then take `DECODE_ROWS` rows.
+    `packed`: run the model's eager products on weights packed once for oneDNN
+    (`gpt2kit.model.packed`: the same bits, a faster prefill, a second copy of the weights
+    and a reorder first); for an engine that lives long, like the server's.
     """
 
     def __init__(
@@ -286,6 +319,7 @@ class Engine:
         eos_token_id: int | None = None,
         step: DecodeStep | None = None,
         deterministic: bool = False,
+        packed: bool = False,
     ) -> None:
         if not isinstance(slots, int) or slots < 1:
             raise ConfigError(f"slots must be an integer >= 1, got {slots!r}")
@@ -294,6 +328,10 @@ class Engine:
         self.device = model.wte.weight.device
         if self.device.type == "cpu":
             use_decode_layout(model)  # faster matrix-vector products on CPU (benchmarks/README.md)
+        self.packed: PackedWeights | None = None
+        if packed:
+            self.packed, decision = PackedWeights.of(model)
+            log.info("prefill: %s", decision)
         max_len = min(max_len or config.n_positions, config.n_positions)
         self.cache = SlotCache(model, slots=slots, max_len=max_len, step=step, deterministic=deterministic)
         self.deterministic = deterministic
@@ -306,6 +344,15 @@ class Engine:
         self.logits: Tensor | None = None  # (len(rows), V): each running row's next-token logits
         self.seen: Tensor | None = None  # (slots, V) bool, allocated when a row needs it
         self.counts: Tensor | None = None  # (slots, V) float32, likewise
+        if self.packed is not None and not deterministic and slots > 1:
+            with self.packed.active(), torch.inference_mode():
+                self.cache.together = prefill_together_is_exact(self.cache)
+            log.info(
+                "prefill: %s",
+                "prompts admitted in the same step are prefilled together (checked: the same bits as alone)"
+                if self.cache.together
+                else "each prompt alone (prefilled together, a prompt got other bits on this CPU)",
+            )
 
     # --- the caller's side --------------------------------------------------------------
 
@@ -364,10 +411,14 @@ class Engine:
 
         Events are returned at the end or, with `emit`, handed to it as soon as they exist
         (and not returned): the running rows' tokens before any prefill starts, and each new
-        row's first token right after its own prefill, not after the whole round. That is
-        the server's time to first token: a burst of prompts is answered one by one, and no
-        client waits for the decode that follows. The tokens are the same either way.
+        row's first token right after its prefill (its own, or its group's where prompts are
+        prefilled together), not after the whole round. That is the server's time to first
+        token: no client waits for the decode that follows. The tokens are the same either way.
         """
+        with self.packed.active() if self.packed is not None else contextlib.nullcontext():
+            return self._step(emit)
+
+    def _step(self, emit: Callable[[list[Event]], None] | None) -> list[Event]:
         events: list[Event] = []
         self._drop_cancelled(events)
         if self.rows:
@@ -396,26 +447,48 @@ class Engine:
             events.append(FinishEvent(row, reason))
 
     def _admit(self, events: list[Event], emit: Callable[[list[Event]], None] | None) -> None:
-        """Move waiting rows into free slots one by one: prefill each alone (`SlotCache.prefill`)
-        and choose its first token (handed to `emit` at once, if given)."""
+        """Move waiting rows into free slots: prefill them (`SlotCache.prefill`: one by one, or
+        a group of up to PREFILL_TOKENS prompt tokens in one pass where that is exact) and
+        choose their first tokens (handed to `emit` after each prefill, if given)."""
         while self.waiting and len(self.rows) < self.slots:
-            row = self.waiting.popleft()
-            i = row.slot = len(self.rows)
-            h, logits = self.cache.prefill(i, [row.prompt])
-            if row.prompt_logprobs:
-                events.append(self._prompt_logprobs(row, h[0, : len(row.prompt)]))
-            self._init_history([row])
-            self.rows.append(row)
+            group = self._next_group()
+            i = len(self.rows)
+            for j, row in enumerate(group):
+                row.slot = i + j
+            h, logits = self.cache.prefill(i, [row.prompt for row in group])
+            for j, row in enumerate(group):
+                if row.prompt_logprobs:
+                    events.append(self._prompt_logprobs(row, h[j, : len(row.prompt)]))
+            self._init_history(group)
+            self.rows.extend(group)
             self.logits = logits if self.logits is None else torch.cat([self.logits[:i], logits])
-            if row.limit == 0:  # scoring only (echo with max_tokens 0): nothing to generate
-                self._finish(row, "length", events)
-            else:
-                self._choose(events, [i])
-            if row.finished:  # its slot is free again at once
+            for row in group:
+                if row.limit == 0:  # scoring only (echo with max_tokens 0): nothing to generate
+                    self._finish(row, "length", events)
+            generating = [i + j for j, row in enumerate(group) if row.limit != 0]
+            if generating:
+                self._choose(events, generating)
+            if any(row.finished for row in group):  # their slots are free again at once
                 self._release()
             if emit is not None and events:
                 emit(events)
                 events.clear()
+
+    def _next_group(self) -> list[Row]:
+        """The waiting rows to prefill in one pass: the first, and while prefilling together
+        is exact, those after it that fit the free slots and PREFILL_TOKENS."""
+        group = [self.waiting.popleft()]
+        if not self.cache.together:
+            return group
+        tokens = len(group[0].prompt)
+        while (
+            self.waiting
+            and len(self.rows) + len(group) < self.slots
+            and tokens + len(self.waiting[0].prompt) <= PREFILL_TOKENS
+        ):
+            tokens += len(self.waiting[0].prompt)
+            group.append(self.waiting.popleft())
+        return group
 
     def _prompt_logprobs(self, row: Row, h: Tensor) -> PromptEvent:
         logprobs = self.model.logits(h).float().log_softmax(dim=-1)  # (T, V)
@@ -573,6 +646,33 @@ def check_row(prompt: Sequence[int], config: SamplingConfig, *, vocab_size: int,
     if len(prompt) > max_len:
         raise ConfigError(f"prompt has {len(prompt)} tokens; the cache holds {max_len}; shorten the prompt")
     config.check_vocab(vocab_size)
+
+
+def prefill_together_is_exact(cache: SlotCache) -> bool:
+    """Whether prompts prefilled together in `cache` get the same bits as each alone: their
+    hidden states, logits and keys and values, for prompts of 1 to 33 tokens (and fewer
+    where the cache is shorter). The matrix products are the only part that sees them
+    together; whether a row's result depends on the rows beside it is up to the kernels
+    (oneDNN's packed bfloat16 products: no, on the CPUs measured), so it is checked here, on
+    this machine, before the engine relies on it. Uses the cache's first slots."""
+    model = cache.model
+    g = torch.Generator().manual_seed(0)
+    lengths = [t for t in (1, 7, 16, 33, 5) if t <= cache.max_len][: cache.k[0].shape[0]]
+    prompts = [torch.randint(0, model.config.vocab_size, (t,), generator=g).tolist() for t in lengths]
+    results = []
+    for together in (False, True):
+        cache.together = together
+        h, logits = cache.prefill(0, prompts)
+        kv = [t[: len(prompts), :, : max(lengths)].clone() for t in (*cache.k, *cache.v)]
+        results.append((h, logits, kv))
+    cache.together = False
+    (h0, l0, kv0), (h1, l1, kv1) = results
+    return (
+        len(prompts) > 1
+        and torch.equal(h0, h1)
+        and torch.equal(l0, l1)
+        and all(torch.equal(a, b) for a, b in zip(kv0, kv1, strict=True))
+    )
 
 
 def step_for(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -52,15 +53,22 @@ class CausalSelfAttention(nn.Module):
         is_causal: bool,
         cache: tuple[Tensor, Tensor] | None = None,
         input_pos: Tensor | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> Tensor:
         """Self-attention of `x` (B, T, C), or with `cache`, this layer's keys and values
         (B, nh, L, hs) written in place (`_write`): positions 0..T-1 of every row (prefill), or
-        with `input_pos` (B,) one new token per row at its own position (decode)."""
+        with `input_pos` (B,) one new token per row at its own position (decode). `lengths`
+        (prefill, B = 1): `x` is several prompts one after another, prompt i's keys and values
+        go to cache row i, and each attends to itself alone."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        if lengths is not None:
+            assert cache is not None and B == 1, "prompts one after another fill a cache, one row each"
+            y = _attend_each(q, k, v, cache, lengths)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
         if cache is not None:
             k, v = _write(cache, k, v, input_pos)  # (B, nh, L, hs)
             if input_pos is not None:
@@ -78,6 +86,22 @@ class CausalSelfAttention(nn.Module):
             dropout = self.attn_pdrop if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout, is_causal)  # (B, nh, T, hs)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+def _attend_each(
+    q: Tensor, k: Tensor, v: Tensor, cache: tuple[Tensor, Tensor], lengths: Sequence[int]
+) -> Tensor:
+    """Causal attention of each prompt of q, k, v (1, nh, sum(lengths), hs) over itself alone,
+    its keys and values written into its own row of `cache`: the same call, on the same
+    shapes, as that prompt prefilled alone."""
+    k_cache, v_cache = cache
+    ys = []
+    for i, (qi, ki, vi) in enumerate(
+        zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2), strict=True)
+    ):
+        ki, vi = _write((k_cache[i : i + 1], v_cache[i : i + 1]), ki, vi, None)
+        ys.append(F.scaled_dot_product_attention(qi, ki, vi, None, 0.0, True))  # (1, nh, t, hs)
+    return torch.cat(ys, dim=2)
 
 
 def _write(
@@ -136,8 +160,9 @@ class Block(nn.Module):
         is_causal: bool,
         cache: tuple[Tensor, Tensor] | None = None,
         input_pos: Tensor | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, input_pos)
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, input_pos, lengths)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -317,26 +342,38 @@ class GPT2(nn.Module):
         is_causal: bool,
         caches: list[tuple[Tensor, Tensor]] | None = None,
         input_pos: Tensor | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> Tensor:
         """ln_f(blocks(wte + wpe)) for (B, T) ids: (B, T, C). Masks as `_attention_mask` makes
         them; `caches[i]` is layer i's (k, v), written as CausalSelfAttention says."""
         x = self.drop(self.wte(idx) + self._positions(position_ids))  # (B, T, C)
         for i, block in enumerate(self.h):
-            x = block(x, attn_mask, is_causal, caches[i] if caches is not None else None, input_pos)
+            x = block(x, attn_mask, is_causal, caches[i] if caches is not None else None, input_pos, lengths)
         return self.ln_f(x)
 
-    def prefill(self, idx: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]) -> Tensor:
+    def prefill(
+        self, idx: Tensor, k_cache: list[Tensor], v_cache: list[Tensor], lengths: Sequence[int] | None = None
+    ) -> Tensor:
         """Hidden states (B, T, C) of prompts starting at position 0, their keys and values written
         into positions 0..T-1 of `k_cache[i]`/`v_cache[i]` (B, nh, L, hs) for layer i.
 
         Rows may be right-padded to a common T: attention is causal, so a row's real tokens
         never see its padding, and the padding's cache entries are masked by `decode_step`
         until they are overwritten. Read row b's next-token state at its last real position.
+
+        `lengths`: `idx` (1, sum(lengths)) is several prompts one after another, without
+        padding; prompt i (at its own positions 0..lengths[i] - 1, attending to itself alone)
+        fills cache row i. Only the matrix products see them together (the engine uses this
+        where it checked that those give a row the same bits in any batch).
         """
-        T = idx.shape[1]
-        positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
+        if lengths is not None:
+            if sum(lengths) != idx.shape[1] or idx.shape[0] != 1 or len(lengths) > k_cache[0].shape[0]:
+                raise ValueError(f"prompts of lengths {list(lengths)} don't fit ids {tuple(idx.shape)}")
+            positions = torch.cat([torch.arange(t, device=idx.device) for t in lengths]).unsqueeze(0)
+        else:
+            positions = torch.arange(idx.shape[1], device=idx.device).unsqueeze(0)  # (1, T)
         caches = list(zip(k_cache, v_cache, strict=True))
-        return self.hidden_states(idx, positions, None, True, caches)
+        return self.hidden_states(idx, positions, None, True, caches, None, lengths)
 
     def decode_step(
         self,
