@@ -67,7 +67,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         if lengths is not None:
             assert cache is not None and B == 1, "prompts one after another fill a cache, one row each"
-            y = _attend_each(q, k, v, cache, lengths)
+            y = _attend_each(q, k, v, cache, lengths, self.attn_pdrop if self.training else 0.0)
             return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
         if cache is not None:
             k, v = _write(cache, k, v, input_pos)  # (B, nh, L, hs)
@@ -89,7 +89,7 @@ class CausalSelfAttention(nn.Module):
 
 
 def _attend_each(
-    q: Tensor, k: Tensor, v: Tensor, cache: tuple[Tensor, Tensor], lengths: Sequence[int]
+    q: Tensor, k: Tensor, v: Tensor, cache: tuple[Tensor, Tensor], lengths: Sequence[int], dropout: float
 ) -> Tensor:
     """Causal attention of each prompt of q, k, v (1, nh, sum(lengths), hs) over itself alone,
     its keys and values written into its own row of `cache`: the same call, on the same
@@ -100,7 +100,7 @@ def _attend_each(
         zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2), strict=True)
     ):
         ki, vi = _write((k_cache[i : i + 1], v_cache[i : i + 1]), ki, vi, None)
-        ys.append(F.scaled_dot_product_attention(qi, ki, vi, None, 0.0, True))  # (1, nh, t, hs)
+        ys.append(F.scaled_dot_product_attention(qi, ki, vi, None, dropout, True))  # (1, nh, t, hs)
     return torch.cat(ys, dim=2)
 
 
