@@ -27,7 +27,6 @@ it; `generate` and `complete`, which make an engine per call, do not.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Iterator
 
@@ -38,8 +37,6 @@ from gpt2kit.errors import ConfigError
 from gpt2kit.model.compiled.build import first_line
 from gpt2kit.model.compiled.runtime import Weights
 from gpt2kit.model.gpt2 import GPT2
-
-log = logging.getLogger(__name__)
 
 # The row count oneDNN picks its packed layout for; every count (1 to hundreds) gives the
 # same bits, and its speed was the same for 1 to 100 rows here.
@@ -71,7 +68,10 @@ class PackedWeights:
         if weight.device.type != "cpu":
             return None, f"not packed: the model is on {weight.device.type}, packing is for CPU"
         if weight.dtype != torch.bfloat16:
-            return None, f"not packed: packing is for bfloat16 weights, these are {_dtype(weight.dtype)}"
+            return (
+                None,
+                f"not packed: packing is for bfloat16 weights, these are {str(weight.dtype).removeprefix('torch.')}",
+            )
         if getattr(model, "quantization", None) is not None or "lm_head" in model._modules:
             return None, "not packed: the model is quantized (its int8 products pack their own weights)"
         if not torch.backends.mkldnn.is_available():
@@ -80,7 +80,7 @@ class PackedWeights:
             packed = PackedWeights(model)
         except RuntimeError as e:  # oneDNN refuses bfloat16 below AVX-512 (or AVX-NE-CONVERT)
             return None, f"not packed: oneDNN can't pack bfloat16 weights on this CPU ({first_line(e)})"
-        megabytes = sum(w.numel() for _, w in packed._linears) * 2 / 1e6 + packed._lm_head.numel() * 2 / 1e6
+        megabytes = sum(w.numel() for w in (*(w for _, w in packed._linears), packed._lm_head)) * 2 / 1e6
         return packed, (
             f"packed the weights for oneDNN in {packed.pack_seconds:.1f}s "
             f"({megabytes:.0f} MB): faster prefill, the same bits"
@@ -124,7 +124,3 @@ def _pack(weight: Tensor) -> Tensor:
     # From the [out, in] row-major copy: reordering the decode layout ([in, out] in memory,
     # `use_decode_layout`) directly was 4-10x slower.
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKED_FOR_ROWS)
-
-
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
